@@ -1,0 +1,13 @@
+"""fewstep: sample pretrained diffusion models in 3–10 steps (AMED and the classic fast ODE solvers)."""
+
+from . import models
+from .errors import DenoiserError, FewstepError, ModelError, ScheduleError, SolverError
+from .schedules import check_schedule, get_schedule
+from .solvers import SOLVERS, nfe, num_steps_for_nfe, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOLVERS", "DenoiserError", "FewstepError", "ModelError", "ScheduleError", "SolverError",
+    "check_schedule", "get_schedule", "models", "nfe", "num_steps_for_nfe", "sample",
+]

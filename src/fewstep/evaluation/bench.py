@@ -1,0 +1,121 @@
+"""The exact-error benchmark: every solver at its recommended schedule, RMSE to the reference per NFE."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..errors import SolverError
+from ..models.registry import ModelInfo
+from ..noise import seeded_noise
+from ..schedules import get_schedule
+from ..solvers import RECOMMENDED_SCHEDULE, get_solver, num_steps_for_nfe, sample
+from .reference import reference_solution, rmse
+
+DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
+DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10)
+
+
+@dataclass
+class SolverSpec:
+    """A solver with options and a schedule, parsed from 'name[:opt=val,...][@schedule[:rho]]'."""
+
+    solver: str
+    options: dict[str, Any] = field(default_factory=dict)
+    schedule: str = ""
+    rho: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SolverSpec:
+        """E.g. 'dpmpp:max_order=2', 'ipndm@logsnr', 'deis:deis_mode=rhoab@polynomial:5'."""
+        head, _, sched = text.partition("@")
+        name, _, opts = head.partition(":")
+        options: dict[str, Any] = {}
+        for item in filter(None, opts.split(",")):
+            key, eq, val = item.partition("=")
+            if not eq:
+                raise SolverError(f"bad solver option {item!r} in {text!r}: use key=value")
+            options[key.strip()] = _parse_value(val.strip())
+        if name not in RECOMMENDED_SCHEDULE:
+            get_solver(name)  # raises the standard unknown-solver error
+        get_solver(name, **options)  # validate the options now, not halfway through a benchmark
+        default_sched, default_rho = RECOMMENDED_SCHEDULE[name]
+        sched_name, _, rho = sched.partition(":")
+        if rho:
+            return cls(name, options, sched_name or default_sched, float(rho))
+        if sched_name in ("", default_sched):
+            return cls(name, options, default_sched, default_rho)
+        return cls(name, options, sched_name, None)  # that schedule's own default ρ
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return self.solver + (f"({opts})" if opts else "")
+
+    @property
+    def schedule_label(self) -> str:
+        return self.schedule + (f"(rho={self.rho:g})" if self.rho is not None else "")
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_bench(
+    model: ModelInfo,
+    specs: Sequence[SolverSpec],
+    nfes: Sequence[int] = DEFAULT_NFES,
+    n_samples: int = 512,
+    first_seed: int = 0,
+    afs: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """RMSE to the reference of each solver spec at each NFE; NFEs a solver cannot hit are skipped."""
+    seeds = list(range(first_seed, first_seed + n_samples))
+    ref = reference_solution(model, seeds, progress=progress)
+    noise = seeded_noise(seeds, model.shape)
+    records = []
+    jobs = [(s, n) for s in specs for n in nfes]
+    for spec, target in tqdm(jobs, desc="bench", disable=not progress, leave=False):
+        steps = num_steps_for_nfe(spec.solver, target, afs=afs, **spec.options)
+        if steps is None:
+            continue
+        sched = get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho)
+        start = time.perf_counter()
+        x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
+        records.append({
+            "solver": spec.label, "nfe": target, "num_steps": steps, "schedule": spec.schedule_label,
+            "afs": afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start,
+        })
+    return records
+
+
+def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> tuple[list[str], list[list[str]]]:
+    """A solver × NFE grid of RMSE strings ('–' where a solver cannot hit that NFE), best per column marked *."""
+    header = ["solver", "schedule", *[f"NFE {n}" for n in nfes]]
+    best = {n: min((r["rmse"] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
+    rows: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        row = rows.setdefault((r["solver"], r["schedule"]), ["–"] * len(nfes))
+        mark = "*" if r["rmse"] == best[r["nfe"]] else ""
+        row[list(nfes).index(r["nfe"])] = f"{r['rmse']:.4f}{mark}"
+    return header, [[s, sch, *cells] for (s, sch), cells in rows.items()]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+

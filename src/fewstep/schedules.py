@@ -1,0 +1,187 @@
+"""Time schedules: strictly decreasing σ grids t_0 = σ_max > … > t_{N-1} = σ_min (SPEC §3).
+
+Every schedule is returned as a 1-D float64 tensor of N points (`num_steps` counts points, not intervals).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelError, ScheduleError
+
+DEFAULT_SIGMA_MIN = 0.002
+DEFAULT_SIGMA_MAX = 80.0
+VP_EPS_S = 1e-3  # the smallest VP time of the fitted VP-linear SDE
+
+
+def check_schedule(sigmas: torch.Tensor | Sequence[float], name: str = "schedule") -> torch.Tensor:
+    """Validate a σ grid and return it as float64: 1-D, ≥ 2 points, finite, positive, strictly decreasing."""
+    t = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    if t.ndim != 1:
+        raise ScheduleError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() < 2:
+        raise ScheduleError(f"{name} needs at least 2 points (num_steps >= 2), got {t.numel()}")
+    if not torch.isfinite(t).all():
+        raise ScheduleError(f"{name} contains non-finite values: {t.tolist()}")
+    if (t <= 0).any():
+        raise ScheduleError(f"{name} must be positive (use denoise_to_zero for a final σ = 0): {t.tolist()}")
+    diffs = t[1:] - t[:-1]
+    if (diffs >= 0).any():
+        i = int(torch.nonzero(diffs >= 0)[0])
+        raise ScheduleError(
+            f"{name} must be strictly decreasing; point {i + 1} ({t[i + 1].item():g}) "
+            f">= point {i} ({t[i].item():g})"
+        )
+    return t
+
+
+def _check_range(num_steps: int, sigma_min: float, sigma_max: float) -> None:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 2:
+        raise ScheduleError(f"num_steps must be an integer >= 2 (it counts grid points), got {num_steps!r}")
+    for label, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if not (math.isfinite(v) and v > 0):
+            raise ScheduleError(f"{label} must be positive and finite, got {v!r}")
+    if sigma_min >= sigma_max:
+        raise ScheduleError(f"sigma_min ({sigma_min:g}) must be smaller than sigma_max ({sigma_max:g})")
+
+
+@dataclass(frozen=True)
+class VPLinear:
+    """A VP-linear SDE σ(τ) = √(exp(½β_d τ² + β_min τ) − 1), used by `time_uniform` and DEIS-tAB."""
+
+    beta_d: float
+    beta_min: float
+
+    @classmethod
+    def fit(cls, sigma_min: float, sigma_max: float, eps_s: float = VP_EPS_S) -> VPLinear:
+        """The VP-linear SDE with σ(ε_s) = σ_min and σ(1) = σ_max (SPEC §3)."""
+        beta_d = 2 * (math.log(sigma_min**2 + 1) / eps_s - math.log(sigma_max**2 + 1)) / (eps_s - 1)
+        beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
+        return cls(beta_d, beta_min)
+
+    def sigma(self, tau: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.expm1(0.5 * self.beta_d * tau**2 + self.beta_min * tau))
+
+    def tau(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Inverse of `sigma`: the positive root of ½β_d τ² + β_min τ = ln(1 + σ²)."""
+        log1p = torch.log1p(sigma**2)
+        return (-self.beta_min + torch.sqrt(self.beta_min**2 + 2 * self.beta_d * log1p)) / self.beta_d
+
+    def dsigma_dtau(self, tau: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(tau)
+        return (self.beta_d * tau + self.beta_min) * (1 + s**2) / (2 * s)
+
+
+def polynomial(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM ("Karras") schedule: t_i = (σ_max^{1/ρ} + u(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ."""
+    u = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def logsnr(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in log σ (= uniform in λ = −log σ), the DPM-Solver/UniPC default."""
+    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64))
+
+
+def time_uniform(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """Uniform (ρ = 1) or ρ-warped VP time of the VP-linear SDE fitted to [σ_min, σ_max]; DEIS uses ρ = 2."""
+    vp = VPLinear.fit(sigma_min, sigma_max)
+    u = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    tau = (1 + u * (VP_EPS_S ** (1 / rho) - 1)) ** rho
+    t = vp.sigma(tau)
+    t[0], t[-1] = sigma_max, sigma_min  # remove round-off at the ends
+    return t
+
+
+def sigma_to_timestep(sigma: torch.Tensor, sigma_table: torch.Tensor) -> torch.Tensor:
+    """Fractional model timestep of σ by interpolating log σ over an increasing table σ_0 < … < σ_{K−1}."""
+    log_table = sigma_table.to(torch.float64).log()
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log().clamp(log_table[0], log_table[-1])
+    idx = torch.searchsorted(log_table, log_sigma).clamp(1, len(log_table) - 1)
+    lo, hi = log_table[idx - 1], log_table[idx]
+    return (idx - 1).to(torch.float64) + (log_sigma - lo) / (hi - lo)
+
+
+def timestep_to_sigma(timestep: torch.Tensor, sigma_table: torch.Tensor) -> torch.Tensor:
+    """σ at a fractional timestep by interpolating log σ over the table."""
+    log_table = sigma_table.to(torch.float64).log()
+    t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, len(log_table) - 1)
+    lo = t.floor().long().clamp(max=len(log_table) - 2)
+    w = t - lo
+    return torch.exp((1 - w) * log_table[lo] + w * log_table[lo + 1])
+
+
+def discrete(num_steps: int, sigma_min: float, sigma_max: float, model: object) -> torch.Tensor:
+    """LDM schedule: uniform in the model's own timestep, mapped back through its σ table.
+
+    `model` must expose `sigma_table`: the increasing σ_k = √((1 − ᾱ_k)/ᾱ_k) of its discrete timesteps.
+    """
+    table = getattr(model, "sigma_table", None)
+    if table is None:
+        raise ModelError("the 'discrete' schedule needs a model exposing `sigma_table` (a discrete-VP model)")
+    table = check_schedule(torch.as_tensor(table).flip(0), "sigma_table").flip(0)
+    if sigma_min < table[0] * (1 - 1e-6) or sigma_max > table[-1] * (1 + 1e-6):
+        raise ScheduleError(
+            f"[{sigma_min:g}, {sigma_max:g}] lies outside the model's σ table [{table[0]:g}, {table[-1]:g}]"
+        )
+    ts = torch.linspace(
+        float(sigma_to_timestep(torch.tensor(sigma_max), table)),
+        float(sigma_to_timestep(torch.tensor(sigma_min), table)),
+        num_steps,
+        dtype=torch.float64,
+    )
+    return timestep_to_sigma(ts, table)
+
+
+_SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
+    "polynomial": polynomial,
+    "logsnr": logsnr,
+    "time_uniform": time_uniform,
+    "discrete": discrete,
+}
+SCHEDULE_NAMES = (*_SCHEDULES, "custom")
+DEFAULT_RHO = {"polynomial": 7.0, "time_uniform": 1.0}
+
+
+def get_schedule(
+    name: str,
+    num_steps: int | None = None,
+    sigma_min: float = DEFAULT_SIGMA_MIN,
+    sigma_max: float = DEFAULT_SIGMA_MAX,
+    rho: float | None = None,
+    *,
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    model: object | None = None,
+) -> torch.Tensor:
+    """Build a named schedule of `num_steps` points from σ_max down to σ_min (float64, strictly decreasing).
+
+    `rho` applies to `polynomial` (default 7) and `time_uniform` (default 1); `custom` takes `sigmas`;
+    `discrete` takes a `model` exposing `sigma_table`.
+    """
+    if name == "custom":
+        if sigmas is None:
+            raise ScheduleError("the 'custom' schedule needs `sigmas=` (a strictly decreasing list)")
+        t = check_schedule(sigmas, "custom schedule")
+        if num_steps is not None and num_steps != len(t):
+            raise ScheduleError(f"custom schedule has {len(t)} points but num_steps={num_steps}")
+        return t
+    if name not in _SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if num_steps is None:
+        raise ScheduleError(f"schedule {name!r} needs num_steps")
+    _check_range(num_steps, float(sigma_min), float(sigma_max))
+    kwargs: dict[str, object] = {}
+    if name in DEFAULT_RHO:
+        kwargs["rho"] = DEFAULT_RHO[name] if rho is None else float(rho)
+        if not (math.isfinite(kwargs["rho"]) and kwargs["rho"] > 0):  # type: ignore[operator]
+            raise ScheduleError(f"rho must be positive and finite, got {rho!r}")
+    elif rho is not None:
+        raise ScheduleError(f"schedule {name!r} takes no rho")
+    if name == "discrete":
+        kwargs["model"] = model
+    t = _SCHEDULES[name](num_steps, float(sigma_min), float(sigma_max), **kwargs)
+    return check_schedule(t, f"{name} schedule")

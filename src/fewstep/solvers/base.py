@@ -1,0 +1,182 @@
+"""The shared machinery of every solver: model evaluations, history nodes, the registry and options.
+
+A solver is one small class registered by name. It sees the probability-flow ODE dx/dσ = (x − D(x, σ))/σ
+only through *nodes* (σ, x, D) that the driver (`fewstep.solvers.sample`) evaluates at every grid point, and
+implements `step` (one interval t_n → t_{n+1}) and, for predictor–corrector methods, `correct`.
+Node σ's are float64 tensors of shape [1] or [B] (per-sample times, as AMED's learned points are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import DenoiserError, SolverError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample value [B] or [1] so that it broadcasts against x [B, …] (in x's dtype)."""
+    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass
+class Node:
+    """One model evaluation: the state x at time σ, and D = D(x, σ_model) (σ_model = σ unless AMED rescales)."""
+
+    sigma: torch.Tensor  # float64, [1] or [B]
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+    @property
+    def d(self) -> torch.Tensor:
+        """The ODE direction d = (x − D)/σ (= ε̂ in σ-space)."""
+        return (self.x - self.denoised) / bcast(self.sigma, self.x)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a step sits in the run: its index, how many intervals remain (this one included), and the
+    schedule's σ range (DEIS-tAB fits its VP time to it)."""
+
+    index: int
+    steps_left: int
+    sigma_min: float
+    sigma_max: float
+
+
+def afs_node(x: torch.Tensor, sigma: torch.Tensor) -> Node:
+    """Analytical first step (SPEC §4.9): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, with no model call."""
+    s = bcast(sigma, x)
+    return Node(sigma, x, x - s * x / torch.sqrt(1 + s**2))
+
+
+class Evaluator:
+    """Calls the denoiser: counts NFE, checks shape and finiteness, names the step and σ on failure.
+
+    `threshold_ratio` enables dynamic thresholding of D (clip at that quantile of |D|, at least 1, rescale):
+    meaningful only for pixel data in [−1, 1], so it is off unless asked for.
+    """
+
+    def __init__(self, denoiser: Denoiser, threshold_ratio: float | None = None):
+        self.denoiser = denoiser
+        self.threshold_ratio = threshold_ratio
+        self.calls = 0
+
+    def __call__(
+        self, x: torch.Tensor, sigma: torch.Tensor, step: int, model_sigma: torch.Tensor | None = None
+    ) -> Node:
+        s_model = sigma if model_sigma is None else model_sigma
+        s_arg = s_model.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        where = f"at step {step} (sigma={_fmt(s_model)})"
+        try:
+            out = self.denoiser(x, s_arg)
+        except DenoiserError:
+            raise
+        except Exception as e:  # any failure inside user code: say where it happened
+            raise DenoiserError(f"denoiser raised {type(e).__name__} {where}: {e}") from e
+        self.calls += 1
+        if not isinstance(out, torch.Tensor):
+            raise DenoiserError(f"denoiser returned {type(out).__name__}, not a tensor, {where}")
+        if out.shape != x.shape:
+            raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} {where}")
+        out = out.to(x.dtype)
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise DenoiserError(f"denoiser returned {bad} non-finite values (NaN/Inf) {where}")
+        if self.threshold_ratio is not None:
+            out = dynamic_threshold(out, self.threshold_ratio)
+        return Node(sigma, x, out)
+
+
+def dynamic_threshold(denoised: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding: s = max(1, quantile_ratio |D|) per sample; D ← clip(D, −s, s)/s."""
+    flat = denoised.reshape(denoised.shape[0], -1).abs().float()
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1).to(denoised.dtype)
+    s = s.reshape(-1, *([1] * (denoised.ndim - 1)))
+    return torch.clamp(denoised, -s, s) / s
+
+
+def _fmt(sigma: torch.Tensor) -> str:
+    s = sigma.reshape(-1)
+    return f"{s[0].item():.6g}" if s.numel() == 1 or bool((s == s[0]).all()) else f"{s.min().item():.4g}..{s.max().item():.4g}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A solver option: its default, and the values or range it accepts."""
+
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    help: str = ""
+
+    def validate(self, solver: str, name: str, value: Any) -> Any:
+        if self.choices is not None and value not in self.choices:
+            raise SolverError(f"{solver}: option {name}={value!r} not in {list(self.choices)}")
+        if self.low is not None or self.high is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SolverError(f"{solver}: option {name} must be a number, got {value!r}")
+            if isinstance(self.default, int) and not isinstance(value, int):
+                raise SolverError(f"{solver}: option {name} must be an integer, got {value!r}")
+            if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+                raise SolverError(f"{solver}: option {name}={value!r} out of range [{self.low}, {self.high}]")
+        return value
+
+
+def order_option(high: int, default: int | None = None) -> Option:
+    return Option(default if default is not None else high, low=1, high=high, help=f"maximal order (1–{high})")
+
+
+class Solver:
+    """Base class: subclasses set `name`, `options`, `evals_per_step` and implement `step`."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Option]] = {}
+    evals_per_step: ClassVar[int] = 1  # model calls per interval (the node evaluation included)
+    history: ClassVar[int] = 1  # how many newest nodes `step` reads
+    corrects: ClassVar[bool] = False  # True when `correct` refines the state after its node evaluation
+    summary: ClassVar[str] = ""
+
+    def __init__(self, **opts: Any):
+        unknown = set(opts) - set(self.options)
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise SolverError(f"{self.name}: unknown option(s) {sorted(unknown)}; options: {known}")
+        for key, opt in self.options.items():
+            setattr(self, key, opt.validate(self.name, key, opts.get(key, opt.default)))
+
+    def step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
+             ev: Evaluator, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Advance x from hist[-1].sigma to t_next; `scale` multiplies the model terms (AMED's c_n)."""
+        raise NotImplementedError
+
+    def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo) -> torch.Tensor:
+        """Refine the state of step `info` with the evaluation at its end (hist[-1]); default: keep it."""
+        return x_new
+
+    def describe(self) -> str:
+        """Name plus the options that differ from their defaults, e.g. 'dpmpp(max_order=2)'."""
+        changed = [f"{k}={getattr(self, k)}" for k, o in self.options.items() if getattr(self, k) != o.default]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+SOLVERS: dict[str, type[Solver]] = {}
+
+
+def register(cls: type[Solver]) -> type[Solver]:
+    """Class decorator: make a solver available by its `name`."""
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def get_solver(name: str, **options: Any) -> Solver:
+    """Instantiate a registered solver with validated options."""
+    if name not in SOLVERS:
+        raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[name](**options)
