@@ -40,8 +40,9 @@ diffusers (discrete VP, ε-prediction, `DPMSolverMultistepScheduler` and `UniPCM
   σ's, which is fewstep's `custom` schedule (N = n + 1 points, n intervals, NFE = n on both sides). diffusers
   stores these σ's in float32; we take those exact values as float64 for both, and upcast the scheduler's σ
   tensor to float64 so that its step coefficients (α, λ, h, φ's, UniPC's ρ) are computed in float64 too
-  (otherwise they carry float32 round-off of order 1e-6). DPM-Solver's `step` still rounds the state to
-  float32 once per step (`sample.to(torch.float32)`), which is far below the tolerance.
+  (left in float32 they put UniPC's noise-prediction variant up to 2e-4 away: h = λ_t − λ_s loses digits).
+  DPM-Solver's `step` still rounds the state to float32 once per step (`sample.to(torch.float32)`), which
+  leaves differences of a few 1e-7 there; UniPC then agrees to ~1e-13.
 * Coordinates: diffusers' state is x_vp = x_ve/√(1 + σ²); its initial x_vp = noise·init_noise_sigma with
   init_noise_sigma = 1, i.e. x_ve = noise·√(1 + σ_0²), so fewstep gets noise·√(1 + σ_0²)/σ_0 (it scales by σ_0);
   the final diffusers state is mapped back with x_ve = x_vp·√(1 + σ_last²). Both updates are the same formula in

@@ -98,9 +98,9 @@ class EmpiricalDenoiser:
         xf = x.reshape(b, -1).to(torch.float64)
         s2 = _sigma_column(sigma, b).to(xf.device) ** 2
         y, y_sq = self.data.to(xf.device), self.data_sq.to(xf.device)
-        out = torch.empty_like(xf)
+        parts = []
         for i in range(0, b, self.chunk):
             xc = xf[i : i + self.chunk]
             dist2 = (xc**2).sum(1, keepdim=True) - 2 * xc @ y.T + y_sq
-            out[i : i + self.chunk] = torch.softmax(-dist2 / (2 * s2[i : i + self.chunk]), dim=1) @ y
-        return out.reshape(x.shape).to(x.dtype)
+            parts.append(torch.softmax(-dist2 / (2 * s2[i : i + self.chunk]), dim=1) @ y)
+        return torch.cat(parts).reshape(x.shape).to(x.dtype)

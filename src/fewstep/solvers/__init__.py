@@ -7,6 +7,7 @@ predictor–corrector solvers refine the arrived state with that evaluation (whi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import SolverError
 from ..schedules import check_schedule, get_schedule
 from . import exponential, multistep, single  # noqa: F401  (register the solvers)
-from .base import SOLVERS, Denoiser, Evaluator, Node, Solver, StepInfo, afs_node, get_solver
+from .base import SOLVERS, Control, Denoiser, Evaluator, Node, Solver, StepInfo, afs_node, get_solver
 
 # Recommended schedule per solver (SPEC §8 / the bench): (name, rho)
 RECOMMENDED_SCHEDULE: dict[str, tuple[str, float | None]] = {
@@ -30,18 +31,29 @@ RECOMMENDED_SCHEDULE: dict[str, tuple[str, float | None]] = {
 }
 
 
-def nfe(solver: str, num_steps: int, afs: bool = False, denoise_to_zero: bool = False, **options: Any) -> int:
-    """Number of denoiser calls of a configuration (N − 1 intervals; AFS saves one, denoise_to_zero adds one)."""
-    s = get_solver(solver, **options)
+def _evals_per_interval(solver: str, amed: bool, options: dict[str, Any]) -> int:
+    algo = get_solver(solver, **options)
+    if amed and solver == "heun":
+        raise SolverError("heun has no AMED-Plugin")
+    return 2 if amed else algo.evals_per_step  # AMED-Plugin adds one evaluation at s_n to one-call solvers
+
+
+def nfe(solver: str, num_steps: int, afs: bool = False, denoise_to_zero: bool = False, amed: bool = False,
+        **options: Any) -> int:
+    """Number of denoiser calls of a configuration (N − 1 intervals; AFS saves one, denoise_to_zero adds one).
+
+    `amed=True` counts the AMED-Plugin of `solver` (2 calls per interval for every solver; AMED-Solver is
+    `solver="amed"`); the predictor itself adds none.
+    """
     if num_steps < 2:
         raise SolverError(f"num_steps must be >= 2 (grid points), got {num_steps}")
-    return s.evals_per_step * (num_steps - 1) - int(afs) + int(denoise_to_zero)
+    return _evals_per_interval(solver, amed, options) * (num_steps - 1) - int(afs) + int(denoise_to_zero)
 
 
-def num_steps_for_nfe(solver: str, target_nfe: int, afs: bool = False, **options: Any) -> int | None:
-    """The num_steps giving exactly `target_nfe` calls, or None when this solver cannot hit it."""
-    per = get_solver(solver, **options).evals_per_step
-    intervals, rest = divmod(target_nfe + int(afs), per)
+def num_steps_for_nfe(solver: str, target_nfe: int, afs: bool = False, amed: bool = False,
+                      **options: Any) -> int | None:
+    """The num_steps giving exactly `target_nfe` calls, or None when this configuration cannot hit it."""
+    intervals, rest = divmod(target_nfe + int(afs), _evals_per_interval(solver, amed, options))
     return intervals + 1 if rest == 0 and intervals >= 1 else None
 
 
@@ -63,6 +75,8 @@ def sample(
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
     progress: bool = False,
+    predictor: Any = None,
+    bottleneck: torch.nn.Module | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from x_T = schedule[0]·noise down to schedule[-1].
@@ -72,6 +86,8 @@ def sample(
     Returns the state at σ_min (or D(x, σ_min) with `denoise_to_zero`), or with `return_trajectory` a tensor
     [N, *noise.shape] of the state at every grid point (its last entry is what would be returned otherwise,
     the denoised output when `denoise_to_zero`). `options` are the solver's own (see `fewstep solvers`).
+    With an AMED `predictor`, every interval runs as the AMED-Plugin of `solver` (AMED-Solver for "amed");
+    its features come from the `bottleneck` module's output (forward hook) or, without one, from D.
     """
     algo = get_solver(solver, **options)
     if schedule is None:
@@ -84,15 +100,26 @@ def sample(
         raise SolverError(f"num_steps={num_steps} but the schedule has {len(sigmas)} points")
     if not isinstance(noise, torch.Tensor) or noise.ndim < 1:
         raise SolverError("noise must be a tensor [B, …]")
-    ev = Evaluator(denoiser, threshold_ratio if thresholding else None)
     x = noise.to(_solver_dtype(noise)) * float(sigmas[0])
     traj = [x] if return_trajectory else None
-    x = integrate(algo, ev, x, sigmas, afs=afs, trajectory=traj, progress=progress)
+    if predictor is None:
+        ev = Evaluator(denoiser, threshold_ratio if thresholding else None)
+        x = integrate(algo, ev, x, sigmas, afs=afs, trajectory=traj, progress=progress)
+    else:
+        from ..amed.features import feature_source
+
+        with feature_source(bottleneck) as features, torch.no_grad():
+            ev = Evaluator(denoiser, threshold_ratio if thresholding else None, features=features)
+            x = integrate(algo, ev, x, sigmas, afs=afs, trajectory=traj, progress=progress,
+                          controller=predictor.control)
     if denoise_to_zero:
         x = ev(x, sigmas[-1:], len(sigmas) - 1).denoised
         if traj is not None:
             traj[-1] = x
     return torch.stack(traj) if traj is not None else x
+
+
+Controller = Callable[[Node, torch.Tensor, torch.Tensor], Control]
 
 
 def integrate(
@@ -103,25 +130,30 @@ def integrate(
     afs: bool = False,
     trajectory: list[torch.Tensor] | None = None,
     progress: bool = False,
+    controller: Controller | None = None,
 ) -> torch.Tensor:
-    """Run `algo` over the grid `sigmas` (float64, validated) from the state x at sigmas[0]."""
+    """Run `algo` over the grid `sigmas` (float64, validated) from the state x at sigmas[0].
+
+    With a `controller` (AMED's predictor: node at t_n, t_n, t_{n+1} → Control) every interval runs as the
+    AMED-Plugin of `algo` (or as AMED-Solver); the controller adds no model call.
+    """
     n_int = len(sigmas) - 1
     t = [sigmas[i : i + 1] for i in range(len(sigmas))]
     lo, hi = float(sigmas[-1]), float(sigmas[0])
     hist: list[Node] = [afs_node(x, t[0]) if afs else ev(x, t[0], 0)]
     for i in tqdm(range(n_int), disable=not progress, desc=algo.name, leave=False):
-        info = StepInfo(i, n_int - i, lo, hi)
-        x_next = algo.step(x, hist, t[i + 1], info, ev)
-        if i + 1 < n_int:  # evaluate the arrived state (every point but the last)
-            hist = [*hist[-algo.history :], ev(x_next, t[i + 1], i + 1)]
-            x_next = algo.correct(x, x_next, hist, info)
-        x = x_next
+        control = controller(hist[-1], t[i], t[i + 1]) if controller is not None else None
+        sub = algo.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, lo, hi), ev, control)
+        x, hist = sub.x_next, sub.hist
+        if i + 1 < n_int:  # evaluate the arrived state (every point but the last), maybe correct it
+            hist = [*hist[-algo.history :], ev(x, t[i + 1], i + 1)]
+            x = algo.correct(sub.x_prev, x, hist, sub.info, sub.scale)
         if trajectory is not None:
             trajectory.append(x)
     return x
 
 
 __all__ = [
-    "RECOMMENDED_SCHEDULE", "SOLVERS", "Evaluator", "Node", "Solver", "StepInfo",
+    "RECOMMENDED_SCHEDULE", "SOLVERS", "Control", "Evaluator", "Node", "Solver", "StepInfo",
     "get_solver", "integrate", "nfe", "num_steps_for_nfe", "sample",
 ]

@@ -31,11 +31,21 @@ class Node:
     sigma: torch.Tensor  # float64, [1] or [B]
     x: torch.Tensor
     denoised: torch.Tensor
+    features: torch.Tensor | None = None  # [B, F] for AMED's predictor, when the evaluator extracts them
 
     @property
     def d(self) -> torch.Tensor:
         """The ODE direction d = (x − D)/σ (= ε̂ in σ-space)."""
         return (self.x - self.denoised) / bcast(self.sigma, self.x)
+
+
+@dataclass(frozen=True)
+class Control:
+    """AMED's per-interval choice: intermediate time ratio r, direction scale c, model-time scale a ([B] or [1])."""
+
+    r: torch.Tensor
+    c: torch.Tensor
+    a: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,19 +62,22 @@ class StepInfo:
 def afs_node(x: torch.Tensor, sigma: torch.Tensor) -> Node:
     """Analytical first step (SPEC §4.9): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, with no model call."""
     s = bcast(sigma, x)
-    return Node(sigma, x, x - s * x / torch.sqrt(1 + s**2))
+    return Node(sigma, x, x - s * x / torch.sqrt(1 + s**2), features=None)
 
 
 class Evaluator:
     """Calls the denoiser: counts NFE, checks shape and finiteness, names the step and σ on failure.
 
     `threshold_ratio` enables dynamic thresholding of D (clip at that quantile of |D|, at least 1, rescale):
-    meaningful only for pixel data in [−1, 1], so it is off unless asked for.
+    meaningful only for pixel data in [−1, 1], so it is off unless asked for. `features` (x, D) → [B, F], when
+    set, is stored on every node for AMED's predictor (it may read a bottleneck captured by a forward hook).
     """
 
-    def __init__(self, denoiser: Denoiser, threshold_ratio: float | None = None):
+    def __init__(self, denoiser: Denoiser, threshold_ratio: float | None = None,
+                 features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.denoiser = denoiser
         self.threshold_ratio = threshold_ratio
+        self.features = features
         self.calls = 0
 
     def __call__(
@@ -90,7 +103,7 @@ class Evaluator:
             raise DenoiserError(f"denoiser returned {bad} non-finite values (NaN/Inf) {where}")
         if self.threshold_ratio is not None:
             out = dynamic_threshold(out, self.threshold_ratio)
-        return Node(sigma, x, out)
+        return Node(sigma, x, out, self.features(x, out) if self.features is not None else None)
 
 
 def dynamic_threshold(denoised: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -156,14 +169,55 @@ class Solver:
         """Advance x from hist[-1].sigma to t_next; `scale` multiplies the model terms (AMED's c_n)."""
         raise NotImplementedError
 
-    def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo) -> torch.Tensor:
+    def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
+                scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Refine the state of step `info` with the evaluation at its end (hist[-1]); default: keep it."""
         return x_new
+
+    def advance(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
+                ev: Evaluator, control: Control | None = None) -> Substep:
+        """One interval: a plain `step`, or with an AMED control the plugin's two sub-steps."""
+        if control is None:
+            return Substep(self.step(x, hist, t_next, info, ev), x, hist, info)
+        return self.amed_step(x, hist, t_next, info, ev, control)
+
+    def amed_step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
+                  ev: Evaluator, control: Control) -> Substep:
+        """AMED-Plugin (SPEC §5): run this solver on the grid t_n, s_n, t_{n+1} with s_n = t_{n+1}^r·t_n^{1−r}.
+
+        The model is called at σ = a·s_n (the direction still uses s_n), s_n joins the history like any node,
+        and the model terms of the update s_n → t_{n+1} are scaled by c. Returns the sub-step that ends at
+        t_{n+1}, so that the driver's evaluation there can correct it like any other step.
+        """
+        s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
+        first = StepInfo(2 * info.index, 2 * info.steps_left, info.sigma_min, info.sigma_max)
+        y = self.step(x, hist, s, first, ev)
+        hist = [*hist[-self.history :], ev(y, s, info.index, model_sigma=control.a * s)]
+        y = self.correct(x, y, hist, first)
+        second = StepInfo(2 * info.index + 1, 2 * info.steps_left - 1, info.sigma_min, info.sigma_max)
+        c = bcast(control.c, x)
+        return Substep(self.step(y, hist, t_next, second, ev, scale=c), y, hist, second, c)
 
     def describe(self) -> str:
         """Name plus the options that differ from their defaults, e.g. 'dpmpp(max_order=2)'."""
         changed = [f"{k}={getattr(self, k)}" for k, o in self.options.items() if getattr(self, k) != o.default]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+@dataclass
+class Substep:
+    """The last sub-step of an interval: its result, its start state and history, for the driver's corrector."""
+
+    x_next: torch.Tensor
+    x_prev: torch.Tensor
+    hist: list[Node]
+    info: StepInfo
+    scale: torch.Tensor | float = 1.0
+
+
+def midpoint_sigma(t_cur: torch.Tensor, t_next: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
+    """s = t_{n+1}^r · t_n^{1−r}: the geometric intermediate time of DPM-Solver-2 and AMED."""
+    return t_next**r * t_cur ** (1 - r)
 
 
 SOLVERS: dict[str, type[Solver]] = {}

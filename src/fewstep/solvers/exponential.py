@@ -70,8 +70,9 @@ class DPMSolverPP(_Exponential):
         hb = bcast(sgn * h, x)
         phi2 = phi1 / hb - 1
         phi3 = phi2 / hb - 0.5
-        # 3M: data: φ₁m − φ₂D1 + φ₃D2 with φ(−h); noise: φ₁m + φ₂D1 + φ₃D2 with φ(h)
-        return self.combine(x, n0, t_next, phi1 * m0 - sgn * phi2 * d1 + phi3 * d2, scale)
+        # 3M: φ₁m + φ₂D1 + φ₃D2 with the φ's of hb = ∓h for both variants (SPEC's data-form φ₂ = φ₁/h + 1 is
+        # −phi2 here, hence its "φ₁D_n − φ₂D1 + φ₃D2"; the noise form is SPEC's φ₁d_n + φ₂D1 + φ₃D2 as written)
+        return self.combine(x, n0, t_next, phi1 * m0 + phi2 * d1 + phi3 * d2, scale)
 
 
 @register
@@ -112,6 +113,6 @@ class UniPC(_Exponential):
     def step(self, x, hist, t_next, info, ev, scale=1.0):
         return self._update(x, hist, t_next, self.order(len(hist), info), scale, None)
 
-    def correct(self, x_prev, x_new, hist, info):
+    def correct(self, x_prev, x_new, hist, info, scale=1.0):
         order = self.order(len(hist) - 1, info)
-        return self._update(x_prev, hist[:-1], hist[-1].sigma, order, 1.0, hist[-1])
+        return self._update(x_prev, hist[:-1], hist[-1].sigma, order, scale, hist[-1])

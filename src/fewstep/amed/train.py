@@ -1,0 +1,186 @@
+"""Training AMED predictors by trajectory distillation (SPEC §5).
+
+The teacher runs a base solver on the same schedule family with M extra points in every student interval
+and is read at the student's grid points. The student takes one interval at a time from the teacher's point
+(single-step students: teacher forcing) or from its own previous output (multistep students: self-forcing,
+so that their history stays consistent), and the loss is ‖x_student − x_teacher‖² summed per sample,
+averaged over the batch. Loss modes: `step` (the paper: one backward per interval, states detached between
+intervals), `e2e` (only the final state, gradients through the whole rollout) and `step+e2e` (both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FewstepError, SolverError
+from ..io import atomic_write
+from ..models.registry import ModelInfo
+from ..noise import seeded_noise
+from ..schedules import get_schedule
+from ..solvers import Evaluator, Node, get_solver, sample
+from ..solvers.base import StepInfo, afs_node
+from .checkpoint import SamplingSettings, save_checkpoint
+from .features import feature_source
+from .predictor import AMEDPredictor
+
+TRAIN_SEED_BASE = 1_000_000  # training noise seeds start here: disjoint from evaluation seeds 0, 1, …
+SINGLE_STEP = ("amed", "dpm2", "euler")
+LOSS_MODES = ("step", "e2e", "step+e2e")
+
+
+@dataclass
+class TrainConfig:
+    """A distillation run. Defaults: the paper's AMED-Solver recipe."""
+
+    student: str = "amed"
+    teacher: str = "heun"
+    num_steps: int = 4
+    M: int = 1
+    afs: bool = True
+    schedule: str = "time_uniform"
+    rho: float | None = 1.0
+    scale_dir: float = 0.01
+    scale_time: float = 0.0
+    student_options: dict[str, Any] = field(default_factory=dict)
+    teacher_options: dict[str, Any] = field(default_factory=dict)
+    batch: int = 128
+    kimg: float = 10.0
+    lr: float = 5e-3
+    loss: str = "step"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.loss not in LOSS_MODES:
+            raise FewstepError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
+        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.kimg <= 0:
+            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1 and kimg > 0")
+        if self.student == "heun":
+            raise SolverError("heun has no AMED-Plugin; choose amed, euler, dpm2, ipndm, ipndm_v, deis, dpmpp or unipc")
+        get_solver(self.student, **self.student_options)
+        get_solver(self.teacher, **self.teacher_options)
+
+    @property
+    def iterations(self) -> int:
+        return max(1, math.ceil(self.kimg * 1000 / self.batch))
+
+
+def _detached(hist: list[Node]) -> list[Node]:
+    return [Node(n.sigma.detach(), n.x.detach(), n.denoised.detach(), n.features) for n in hist]
+
+
+def teacher_states(model: ModelInfo, noise: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The teacher's states at the student's grid points: [N, B, …]."""
+    fine = get_schedule(cfg.schedule, (cfg.M + 1) * (cfg.num_steps - 1) + 1, model.sigma_min, model.sigma_max,
+                        rho=cfg.rho)
+    with torch.no_grad():
+        traj = sample(model.denoiser, noise, cfg.teacher, fine, return_trajectory=True, **cfg.teacher_options)
+    return traj[:: cfg.M + 1]
+
+
+def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas: torch.Tensor,
+            targets: torch.Tensor, features: Any) -> tuple[torch.Tensor, list[float], list[Any]]:
+    """One student rollout against the teacher states; backpropagates the configured loss.
+
+    Returns the final state, the per-interval losses and the controls used (for the progress bar).
+    """
+    student = get_solver(cfg.student, **cfg.student_options)
+    ev = Evaluator(model.denoiser, features=features)
+    forcing = cfg.student in SINGLE_STEP
+    per_step = cfg.loss in ("step", "step+e2e")
+    n_int = len(sigmas) - 1
+    t = [sigmas[i : i + 1] for i in range(len(sigmas))]
+    x = targets[0]
+    hist = [afs_node(x, t[0]) if cfg.afs else ev(x, t[0], 0)]
+    losses, controls = [], []
+    for i in range(n_int):
+        if forcing and i > 0:  # teacher forcing: restart the interval from the teacher's state
+            x = targets[i]
+            hist = [ev(x, t[i], i)]
+        control = predictor.control(hist[-1], t[i], t[i + 1])
+        controls.append(control)
+        sub = student.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, float(sigmas[-1]), float(sigmas[0])), ev,
+                              control)
+        x, hist = sub.x_next, sub.hist
+        if not forcing and i + 1 < n_int:
+            hist = [*hist[-student.history :], ev(x, t[i + 1], i + 1)]
+            x = student.correct(sub.x_prev, x, hist, sub.info, sub.scale)
+        loss = (x - targets[i + 1]).pow(2).reshape(x.shape[0], -1).sum(1).mean()
+        losses.append(float(loss.detach()))
+        if per_step:
+            loss.backward(retain_graph=cfg.loss == "step+e2e")
+            if cfg.loss == "step":
+                x, hist = x.detach(), _detached(hist)
+    if cfg.loss in ("e2e", "step+e2e"):
+        (x - targets[-1]).pow(2).reshape(x.shape[0], -1).sum(1).mean().backward()
+    return x, losses, controls
+
+
+def _stats(controls: list[Any]) -> dict[str, str]:
+    out = {}
+    for key in ("r", "c", "a"):
+        v = torch.cat([getattr(c, key).detach().reshape(-1) for c in controls]).float()
+        out[key] = f"{v.mean():.3f}±{v.std():.3f}" if v.numel() > 1 else f"{v.mean():.3f}"
+    return out
+
+
+def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
+          log_every: int = 0) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
+    """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present)."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    sigmas = get_schedule(cfg.schedule, cfg.num_steps, model.sigma_min, model.sigma_max, rho=cfg.rho)
+    predictor = AMEDPredictor(cfg.scale_dir, cfg.scale_time)
+    opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
+    start_it, history = 0, []
+    state_path = Path(out) / "train_state.pt" if out is not None else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise FewstepError(f"{state_path} belongs to a different training configuration; use another --out")
+        predictor.load_state_dict(state["predictor"])
+        opt.load_state_dict(state["optimizer"])
+        start_it, history = state["iteration"], state["history"]
+    began = time.perf_counter()
+    bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress, initial=start_it,
+               total=cfg.iterations)
+    with feature_source(model.bottleneck) as features:
+        for it in bar:
+            seeds = range(TRAIN_SEED_BASE + cfg.seed * 10_000_000 + it * cfg.batch,
+                          TRAIN_SEED_BASE + cfg.seed * 10_000_000 + (it + 1) * cfg.batch)
+            noise = seeded_noise(seeds, model.shape)
+            targets = teacher_states(model, noise, cfg)
+            opt.zero_grad(set_to_none=True)
+            _, losses, controls = rollout(model, predictor, cfg, sigmas, targets, features)
+            for p in predictor.parameters():  # non-finite gradient guard
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            history.append(sum(losses))
+            bar.set_postfix(loss=f"{sum(losses):.4g}", **_stats(controls))
+            if log_every and (it + 1) % log_every == 0:
+                print(json.dumps({"iteration": it + 1, "loss": sum(losses), **_stats(controls)}), flush=True)
+            if state_path is not None and ((it + 1) % 50 == 0 or it + 1 == cfg.iterations):
+                snapshot = {"config": asdict(cfg), "predictor": predictor.state_dict(),
+                            "optimizer": opt.state_dict(), "iteration": it + 1, "history": history}
+                atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
+    stats = {"iterations": cfg.iterations, "seconds": time.perf_counter() - began,
+             "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
+             "loss_curve": history[:: max(1, len(history) // 50)]}
+    settings = SamplingSettings(
+        model=model.name, model_shape=list(model.shape), num_steps=cfg.num_steps, student=cfg.student,
+        student_options=dict(cfg.student_options), schedule=cfg.schedule, rho=cfg.rho,
+        sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
+        scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M,
+        training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"}},
+    )
+    if out is not None:
+        save_checkpoint(out, predictor, settings)
+    return predictor.eval(), settings, stats
