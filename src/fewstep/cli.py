@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import FewstepError
@@ -33,7 +34,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: st
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(escape(c) for c in r))
     console.print(table)
 
 
@@ -49,6 +50,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=512, help="number of samples (seeds first-seed…first-seed+n-1)")
     p.add_argument("--first-seed", type=int, default=0, help="first noise seed (default 0)")
     p.add_argument("--afs", action="store_true", help="analytical first step for every solver (saves one NFE)")
+    p.add_argument("--predictor", action="append", default=[], metavar="DIR",
+                   help="an AMED predictor checkpoint folder to add as a row (repeatable); it runs with its "
+                        "own stored settings at its own NFE")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -62,8 +66,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     start = time.perf_counter()
     records = run_bench(model, _parse_specs(args.solvers), args.nfe, n_samples=args.n,
-                        first_seed=args.first_seed, afs=args.afs, progress=not args.no_progress)
-    header, rows = table_rows(records, args.nfe)
+                        first_seed=args.first_seed, afs=args.afs, progress=not args.no_progress,
+                        predictors=args.predictor)
+    header, rows = table_rows(records, sorted(set(args.nfe) | {r["nfe"] for r in records}))
     _print_table(header, rows, f"RMSE to the reference solution — {args.model}, {args.n} samples"
                  + (", AFS" if args.afs else "") + " (* best per NFE)")
     console.print(f"[dim]{time.perf_counter() - start:.1f} s[/dim]")
@@ -89,6 +94,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_json(out / "table.json", records)
     plot_error_vs_nfe(records, out / "error_vs_nfe.png", title=f"{model.name}: error vs NFE")
     console.print(f"wrote {out}/table.md, table.json, error_vs_nfe.png in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _options(items: Sequence[str]) -> dict[str, object]:
+    from .evaluation.bench import _parse_value
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise FewstepError(f"bad option {item!r}: use key=value")
+        out[key.strip().replace("-", "_")] = _parse_value(val.strip())
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .amed.train import TrainConfig, train
+
+    model = load_model(args.model)
+    student_opts = _options(args.student_opt)
+    if args.max_order is not None:
+        student_opts["max_order"] = args.max_order
+    teacher_opts = _options(args.teacher_opt)
+    cfg = TrainConfig(
+        student=args.student, teacher=args.teacher, num_steps=args.num_steps, M=args.M, afs=args.afs,
+        schedule=args.schedule, rho=args.rho, scale_dir=args.scale_dir, scale_time=args.scale_time,
+        student_options=student_opts, teacher_options=teacher_opts, batch=args.batch, kimg=args.kimg,
+        lr=args.lr, loss=args.loss, seed=args.seed,
+    )
+    _, settings, stats = train(model, cfg, out=args.out, progress=not args.no_progress)
+    console.print(f"{settings.label} on {model.name}: NFE {settings.nfe}, loss {stats['loss_first']:.4g} → "
+                  f"{stats['loss_last']:.4g} in {stats['seconds']:.1f} s; wrote {args.out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import SampleJob, run_sample_job
+
+    job = SampleJob(model=args.model, solver=args.solver, nfe=args.nfe, num_steps=args.num_steps,
+                    schedule=args.schedule, rho=args.rho, afs=args.afs, seeds=args.seeds, out=args.out,
+                    grid=args.grid, npz=args.npz, batch=args.batch, predictor=args.predictor,
+                    options=_options(args.opt), progress=not args.no_progress)
+    written = run_sample_job(job)
+    console.print(f"wrote {written} new sample(s) to {args.out}")
     return 0
 
 
@@ -135,6 +184,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=512, help="number of evaluation samples")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="distil an AMED predictor from a teacher trajectory",
+                       description="Trajectory distillation (SPEC §5). Paper recipes: AMED-Solver = --student amed "
+                                   "--teacher heun --M 1 --schedule time_uniform --rho 1 --afs --scale-dir 0.01; "
+                                   "AMED-Plugin = --student ipndm --max-order 4 --teacher ipndm --M 2 --schedule "
+                                   "polynomial --rho 7 --afs --scale-dir 0.01 --scale-time 0.2.")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    p.add_argument("--student", default="amed", help="amed (AMED-Solver) or a solver to plug AMED into")
+    p.add_argument("--teacher", default="heun", help="teacher solver run on the refined grid")
+    p.add_argument("--num-steps", type=int, default=4, help="student grid points N (NFE = 2(N-1), -1 with AFS)")
+    p.add_argument("--M", type=int, default=1, help="teacher points inserted in every student interval")
+    p.add_argument("--afs", action="store_true", help="analytical first step (saves one NFE)")
+    p.add_argument("--schedule", default="time_uniform", help="schedule family of student and teacher")
+    p.add_argument("--rho", type=float, default=None, help="schedule ρ (polynomial default 7, time_uniform 1)")
+    p.add_argument("--scale-dir", type=float, default=0.01, help="bound s_dir: c ∈ [1-s_dir, 1+s_dir] (0: c = 1)")
+    p.add_argument("--scale-time", type=float, default=0.0, help="bound s_time: a ∈ [1-s_time, 1+s_time] (0: a = 1)")
+    p.add_argument("--max-order", type=int, default=None, help="max_order of a multistep student")
+    p.add_argument("--student-opt", action="append", default=[], metavar="K=V", help="other student option")
+    p.add_argument("--teacher-opt", action="append", default=[], metavar="K=V", help="teacher option, e.g. max_order=4")
+    p.add_argument("--loss", default="step", choices=["step", "e2e", "step+e2e"],
+                   help="step: the paper's per-interval loss; e2e: final state only, through the whole rollout; "
+                        "step+e2e: both")
+    p.add_argument("--batch", type=int, default=128, help="trajectories per iteration")
+    p.add_argument("--kimg", type=float, default=10.0, help="thousands of training trajectories")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="training seed (noise seeds are disjoint from evaluation's)")
+    p.add_argument("--out", required=True, help="checkpoint folder (resumes from its train_state.pt)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a model with any solver (or an AMED predictor) to PNGs / .npz")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    p.add_argument("--solver", default="ipndm", help="solver name (ignored with --predictor)")
+    p.add_argument("--nfe", type=int, default=None, help="NFE budget (sets num_steps)")
+    p.add_argument("--num-steps", type=int, default=None, help="grid points N instead of --nfe")
+    p.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")
+    p.add_argument("--rho", type=float, default=None, help="schedule ρ")
+    p.add_argument("--afs", action="store_true", help="analytical first step")
+    p.add_argument("--opt", action="append", default=[], metavar="K=V", help="solver option, e.g. max_order=3")
+    p.add_argument("--seeds", default="0-63", help="seed list, e.g. 0-63 or 1,5,10-12 (one sample per seed)")
+    p.add_argument("--out", required=True, help="output folder: one PNG per seed (existing ones are kept)")
+    p.add_argument("--grid", default=None, metavar="PNG", help="also write a grid image of all samples")
+    p.add_argument("--npz", default=None, metavar="FILE", help="also write all samples as an .npz array")
+    p.add_argument("--batch", type=int, default=64, help="samples per model call (results do not depend on it)")
+    p.add_argument("--predictor", default=None, metavar="DIR", help="AMED checkpoint: sample with its settings")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("solvers", help="list the solvers, their options and recommended schedules")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

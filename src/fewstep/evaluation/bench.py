@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -81,9 +82,14 @@ def run_bench(
     first_seed: int = 0,
     afs: bool = False,
     progress: bool = True,
+    predictors: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
-    """RMSE to the reference of each solver spec at each NFE; NFEs a solver cannot hit are skipped."""
+    """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), and of
+    each AMED predictor checkpoint at its own NFE — all from the same noise against the same reference."""
+    from ..amed.checkpoint import load_checkpoint, sample_checkpoint
+
     seeds = list(range(first_seed, first_seed + n_samples))
+    loaded = [(str(p), *load_checkpoint(p, model)) for p in predictors]  # fail early on a bad checkpoint
     ref = reference_solution(model, seeds, progress=progress)
     noise = seeded_noise(seeds, model.shape)
     records = []
@@ -99,6 +105,14 @@ def run_bench(
             "solver": spec.label, "nfe": target, "num_steps": steps, "schedule": spec.schedule_label,
             "afs": afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start,
         })
+    for path, predictor, settings in loaded:
+        start = time.perf_counter()
+        x = sample_checkpoint(model, noise, predictor, settings)
+        records.append({
+            "solver": settings.label, "nfe": settings.nfe, "num_steps": settings.num_steps,
+            "schedule": settings.schedule + (f"(rho={settings.rho:g})" if settings.rho is not None else ""),
+            "afs": settings.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "predictor": path,
+        })
     return records
 
 
@@ -108,6 +122,8 @@ def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> tuple[
     best = {n: min((r["rmse"] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
     rows: dict[tuple[str, str], list[str]] = {}
     for r in records:
+        if r["nfe"] not in nfes:
+            continue
         row = rows.setdefault((r["solver"], r["schedule"]), ["–"] * len(nfes))
         mark = "*" if r["rmse"] == best[r["nfe"]] else ""
         row[list(nfes).index(r["nfe"])] = f"{r['rmse']:.4f}{mark}"
