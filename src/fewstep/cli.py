@@ -167,9 +167,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add their own subcommands: each defines `add_commands(sub)` (argparse sub-parsers action) and
+# sets `func` on its parsers; a command function returns the exit code.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
 
     p = sub.add_parser("bench", help="RMSE to the exact ODE solution for every solver at each NFE",
                        description="Run each solver with its recommended schedule (or the one given) from the "
