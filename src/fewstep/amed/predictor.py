@@ -11,6 +11,9 @@ from ..solvers.base import Control, Node
 from .features import FEATURE_DIM
 
 
+R_MARGIN = 1e-3
+
+
 def positional_embedding(v: torch.Tensor, channels: int = 8, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding [B, channels] of a scalar per sample (cos half, sin half, as in EDM)."""
     half = channels // 2
@@ -45,11 +48,12 @@ class AMEDPredictor(nn.Module):
         b = features.shape[0]
         emb = lambda t: self.time(positional_embedding(torch.log(t.expand(b)) / 4, self.time_channels))  # noqa: E731
         h = torch.cat([self.features(features.float()), emb(t_cur), emb(t_next)], dim=1)
-        r = torch.sigmoid(self.head_r(h)).squeeze(1)
+        # float64 sigmoids; r is kept off 0 and 1, where s_n would coincide with a grid point
+        r = torch.sigmoid(self.head_r(h).double()).squeeze(1).clamp(R_MARGIN, 1 - R_MARGIN)
         one = torch.ones_like(r)
-        c = one if self.head_c is None else 1 + self.scale_dir * (2 * torch.sigmoid(self.head_c(h)).squeeze(1) - 1)
-        a = one if self.head_a is None else 1 + self.scale_time * (2 * torch.sigmoid(self.head_a(h)).squeeze(1) - 1)
-        return Control(r.double(), c.double(), a.double())
+        c = one if self.head_c is None else 1 + self.scale_dir * (2 * torch.sigmoid(self.head_c(h).double()).squeeze(1) - 1)
+        a = one if self.head_a is None else 1 + self.scale_time * (2 * torch.sigmoid(self.head_a(h).double()).squeeze(1) - 1)
+        return Control(r, c, a)
 
     def control(self, node: Node, t_cur: torch.Tensor, t_next: torch.Tensor) -> Control:
         """The driver's controller: read the node's features (zeros when AFS skipped the call)."""

@@ -1,0 +1,188 @@
+"""AMED: predictor, the one plugin mechanism, AMED-Solver, training, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.amed.checkpoint import CheckpointError, load_checkpoint, sample_checkpoint, save_checkpoint
+from fewstep.amed.predictor import AMEDPredictor
+from fewstep.amed.train import TrainConfig, train
+from fewstep.models import load_model
+from fewstep.solvers import Control, Evaluator, get_solver, integrate
+from fewstep.solvers.base import midpoint_sigma
+
+GMM = load_model("gmm")
+NOISE = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def fixed_controller(r: float, c: float = 1.0, a: float = 1.0):
+    def control(node, t_cur, t_next):
+        one = torch.ones(node.x.shape[0], dtype=torch.float64)
+        return Control(one * r, one * c, one * a)
+
+    return control
+
+
+def run(solver: str, sigmas: torch.Tensor, controller=None, afs: bool = False, **options) -> tuple[torch.Tensor, int]:
+    ev = Evaluator(GMM.denoiser)
+    x = integrate(get_solver(solver, **options), ev, NOISE * float(sigmas[0]), sigmas, afs=afs, controller=controller)
+    return x, ev.calls
+
+
+def test_predictor_size_and_ranges():
+    p = AMEDPredictor(scale_dir=0.05, scale_time=0.2)
+    assert 8_500 <= sum(v.numel() for v in p.parameters()) <= 9_500  # ≈ 9k parameters (SPEC §5)
+    with torch.no_grad():
+        for w in p.parameters():
+            w.normal_(0, 5.0)  # drive the heads towards saturation
+    out = p(torch.randn(256, 64) * 10, torch.full((1,), 80.0), torch.full((1,), 5.0))
+    assert ((out.r > 0) & (out.r < 1)).all()
+    assert ((out.c >= 0.95) & (out.c <= 1.05)).all() and out.c.std() > 0
+    assert ((out.a >= 0.8) & (out.a <= 1.2)).all() and out.a.std() > 0
+    plain = AMEDPredictor(scale_dir=0.0, scale_time=0.0)
+    out = plain(torch.randn(4, 64), torch.full((1,), 1.0), torch.full((1,), 0.5))
+    assert plain.head_c is None and plain.head_a is None
+    assert (out.c == 1).all() and (out.a == 1).all()
+
+
+@pytest.mark.parametrize("solver, options", [
+    ("euler", {}), ("ipndm", {"max_order": 4}), ("ipndm_v", {"max_order": 3}), ("deis", {"max_order": 3}),
+    ("deis", {"deis_mode": "rhoab"}), ("dpmpp", {"max_order": 3}), ("dpmpp", {"predict_x0": False}),
+    ("unipc", {"max_order": 3}), ("unipc", {"variant": "bh1", "max_order": 2}),
+])
+@pytest.mark.parametrize("afs", [False, True])
+def test_plugin_with_fixed_r_equals_base_on_interleaved_grid(solver, options, afs):
+    sigmas = fewstep.get_schedule("polynomial", 5)
+    r = 0.37
+    inter = [sigmas[0]]
+    for i in range(len(sigmas) - 1):
+        inter += [midpoint_sigma(sigmas[i], sigmas[i + 1], r), sigmas[i + 1]]
+    base, base_calls = run(solver, torch.stack(inter), afs=afs, **options)
+    plug, plug_calls = run(solver, sigmas, fixed_controller(r), afs=afs, **options)
+    torch.testing.assert_close(plug, base, rtol=1e-12, atol=1e-12)
+    assert plug_calls == base_calls == fewstep.nfe(solver, 5, afs=afs, amed=True, **options)
+
+
+def test_plugin_scale_changes_only_the_second_update():
+    sigmas = fewstep.get_schedule("polynomial", 4)
+    x1, _ = run("euler", sigmas, fixed_controller(0.5, c=1.0))
+    x2, _ = run("euler", sigmas, fixed_controller(0.5, c=1.02))
+    x3, _ = run("euler", sigmas, fixed_controller(0.5, a=1.1))
+    assert (x1 - x2).abs().max() > 1e-4 and (x1 - x3).abs().max() > 1e-4
+
+
+def test_amed_solver_at_half_equals_dpm2():
+    sigmas = fewstep.get_schedule("time_uniform", 5)
+    amed, calls = run("amed", sigmas, fixed_controller(0.5))
+    dpm2, _ = run("dpm2", sigmas, r=0.5)
+    torch.testing.assert_close(amed, dpm2, rtol=1e-13, atol=1e-13)
+    assert calls == fewstep.nfe("amed", 5) == 8
+    plug, _ = run("dpm2", sigmas, fixed_controller(0.3))  # dpm2's plugin sets its ratio r
+    torch.testing.assert_close(plug, run("dpm2", sigmas, r=0.3)[0], rtol=1e-13, atol=1e-13)
+
+
+def test_predictor_adds_no_nfe_and_heun_has_no_plugin():
+    p = AMEDPredictor(0.01, 0.2)
+    calls = []
+
+    def counting(x, s):
+        calls.append(1)
+        return GMM.denoiser(x, s)
+
+    for solver in ("amed", "euler", "ipndm", "unipc", "dpm2"):
+        calls.clear()
+        fewstep.sample(counting, NOISE, solver, fewstep.get_schedule("polynomial", 4), afs=True, predictor=p)
+        assert len(calls) == fewstep.nfe(solver, 4, afs=True, amed=True) == 5
+    with pytest.raises(fewstep.SolverError, match="heun"):
+        fewstep.nfe("heun", 4, amed=True)
+    with pytest.raises(fewstep.SolverError, match="heun"):
+        fewstep.sample(GMM.denoiser, NOISE, "heun", fewstep.get_schedule("polynomial", 4), predictor=p)
+
+
+def small_config(**kw) -> TrainConfig:
+    base = dict(student="ipndm", student_options={"max_order": 3}, teacher="heun", M=3, num_steps=4, afs=True,
+                schedule="polynomial", rho=7.0, scale_dir=0.05, scale_time=0.2, batch=64, kimg=64 * 40 / 1000,
+                loss="step+e2e")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_loss_and_error(tmp_path):
+    cfg = small_config()
+    predictor, settings, stats = train(GMM, cfg, out=tmp_path / "p", progress=False)
+    curve = stats["loss_curve"]
+    assert stats["iterations"] == 40
+    assert sum(curve[-5:]) / 5 < 0.8 * curve[0], curve  # a real margin, not noise
+    # and on evaluation seeds disjoint from training: better than the untrained predictor
+    from fewstep.evaluation.reference import reference_solution, rmse
+    from fewstep.noise import seeded_noise
+
+    seeds = list(range(64))
+    ref, z = reference_solution(GMM, seeds), seeded_noise(seeds, GMM.shape)
+    trained = rmse(sample_checkpoint(GMM, z, predictor, settings), ref)
+    fresh = rmse(sample_checkpoint(GMM, z, AMEDPredictor(0.05, 0.2), settings), ref)
+    assert trained < 0.8 * fresh, (trained, fresh)
+
+
+def test_training_resumes_to_the_same_predictor(tmp_path):
+    full, _, _ = train(GMM, small_config(kimg=64 * 6 / 1000), out=tmp_path / "a", progress=False)
+    train(GMM, small_config(kimg=64 * 3 / 1000), out=tmp_path / "b", progress=False)
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    state["config"]["kimg"] = 64 * 6 / 1000  # continue the same run to 6 iterations
+    torch.save(state, tmp_path / "b" / "train_state.pt")
+    resumed, _, _ = train(GMM, small_config(kimg=64 * 6 / 1000), out=tmp_path / "b", progress=False)
+    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    predictor, settings, _ = train(GMM, small_config(kimg=0.064), progress=False)
+    save_checkpoint(tmp_path / "ck", predictor, settings)
+    loaded, s2 = load_checkpoint(tmp_path / "ck", GMM)
+    for (k, v), (_, w) in zip(predictor.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert s2 == settings
+    torch.testing.assert_close(sample_checkpoint(GMM, NOISE, loaded, s2), sample_checkpoint(GMM, NOISE, predictor, settings),
+                               rtol=0, atol=0)
+    assert not list((tmp_path / "ck").glob("*.tmp"))
+    with pytest.raises(CheckpointError, match="trained for model 'gmm'"):
+        load_checkpoint(tmp_path / "ck", load_model("digits-opt"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "ck" / "predictor.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "amed.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "amed.json").unlink()
+    with pytest.raises(CheckpointError, match="amed.json is missing"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_cli_train_then_bench_and_sample(tmp_path):
+    ck = tmp_path / "pred"
+    cmd = [sys.executable, "-m", "fewstep"]
+    subprocess.run([*cmd, "train", "--model", "gmm", "--student", "amed", "--teacher", "heun", "--num-steps", "3",
+                    "--M", "1", "--afs", "--schedule", "time_uniform", "--rho", "1", "--batch", "32", "--kimg",
+                    "0.064", "--out", str(ck), "--no-progress"], check=True, capture_output=True)
+    settings = json.loads((ck / "amed.json").read_text())
+    assert settings["student"] == "amed" and settings["num_steps"] == 3 and settings["afs"] is True
+    out = subprocess.run([*cmd, "bench", "--model", "gmm", "--n", "32", "--nfe", "3", "--solvers", "ipndm",
+                          "--predictor", str(ck), "--json", str(tmp_path / "b.json"), "--no-progress"],
+                         check=True, capture_output=True, text=True)
+    records = json.loads((tmp_path / "b.json").read_text())
+    assert {r["solver"] for r in records} == {"ipndm", "AMED-Solver"}
+    assert all(r["nfe"] == 3 for r in records) and "AMED-Solver" in out.stdout
+    bad = subprocess.run([*cmd, "bench", "--model", "digits-opt", "--predictor", str(ck), "--no-progress"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "trained for model 'gmm'" in bad.stdout
+    subprocess.run([*cmd, "sample", "--model", "gmm", "--predictor", str(ck), "--seeds", "0-3",
+                    "--out", str(tmp_path / "s"), "--no-progress"], check=True, capture_output=True)
+    assert len(list((tmp_path / "s").glob("*.png"))) == 4
