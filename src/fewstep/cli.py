@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import FewstepError
-from .evaluation.bench import DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, markdown_table, run_bench, table_rows
-from .io import write_json, write_text
+from .evaluation.bench import DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, run_bench, table_rows
+from .io import write_json
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from .solvers import RECOMMENDED_SCHEDULE, SOLVERS
 
@@ -54,6 +54,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="an AMED predictor checkpoint folder to add as a row (repeatable); it runs with its "
                         "own stored settings at its own NFE")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON to FILE")
+    p.add_argument("--fid", action="store_true", help="also the FD score of each row's samples against the shipped "
+                   "reference statistics (models with a feature network: digits, digits-opt)")
+    p.add_argument("--plot", metavar="FILE", help="write an error (and FD) vs NFE chart, log scale, to FILE (PNG)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -63,14 +66,17 @@ def _parse_specs(text: str) -> list[SolverSpec]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .evaluation.commands import bench_extra_metrics, bench_report
+
     model = load_model(args.model)
     start = time.perf_counter()
     records = run_bench(model, _parse_specs(args.solvers), args.nfe, n_samples=args.n,
                         first_seed=args.first_seed, afs=args.afs, progress=not args.no_progress,
-                        predictors=args.predictor)
+                        predictors=args.predictor, extra_metrics=bench_extra_metrics(args, model))
     header, rows = table_rows(records, sorted(set(args.nfe) | {r["nfe"] for r in records}))
     _print_table(header, rows, f"RMSE to the reference solution — {args.model}, {args.n} samples"
                  + (", AFS" if args.afs else "") + " (* best per NFE)")
+    bench_report(args, records, sorted(set(args.nfe) | {r["nfe"] for r in records}), _print_table)
     console.print(f"[dim]{time.perf_counter() - start:.1f} s[/dim]")
     if args.json:
         write_json(args.json, records)
@@ -78,22 +84,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: benchmark every solver on the default model and write table, JSON and plot."""
-    from .evaluation.plots import plot_error_vs_nfe
+    """The main job: AMED predictors and every classic solver on a built-in model; table, JSON, plots."""
+    from .demo import run_demo
 
     out = Path(args.out)
     model = load_model(args.model)
-    start = time.perf_counter()
-    nfes = list(DEFAULT_NFES)
-    records = run_bench(model, _parse_specs(",".join(DEFAULT_SOLVERS)), nfes, n_samples=args.n,
-                        progress=not args.no_progress)
+    records = run_demo(model, out, n=args.n, kimg=args.kimg, progress=not args.no_progress, log=console.print)
+    nfes = sorted({r["nfe"] for r in records})
     header, rows = table_rows(records, nfes)
-    title = f"RMSE to the reference solution — {model.name} ({model.description}), {args.n} samples"
-    _print_table(header, rows, title)
-    write_text(out / "table.md", f"# {title}\n\n" + markdown_table(header, rows))
-    write_json(out / "table.json", records)
-    plot_error_vs_nfe(records, out / "error_vs_nfe.png", title=f"{model.name}: error vs NFE")
-    console.print(f"wrote {out}/table.md, table.json, error_vs_nfe.png in {time.perf_counter() - start:.1f} s")
+    _print_table(header, rows, f"RMSE to the reference solution — {model.name}, {args.n} samples (* best per NFE)")
+    console.print(f"wrote {out}/table.md, table.json, error_vs_nfe.png, samples_nfe5.png and predictors/")
     return 0
 
 
@@ -187,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the main job: benchmark all solvers on the default model, write table + plot")
+    p = sub.add_parser("demo", help="the main job: train AMED predictors, benchmark them beside every classic "
+                                    "solver at NFE 3-10, write table, plot and sample pictures")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--n", type=int, default=512, help="number of evaluation samples")
+    p.add_argument("--n", type=int, default=256, help="number of evaluation samples (seeds 0…n-1)")
+    p.add_argument("--kimg", type=float, default=10.0, help="training trajectories (thousands) per predictor")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +83,11 @@ def run_bench(
     afs: bool = False,
     progress: bool = True,
     predictors: Sequence[str | Path] = (),
+    extra_metrics: Callable[[Any], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), and of
-    each AMED predictor checkpoint at its own NFE — all from the same noise against the same reference."""
+    each AMED predictor checkpoint at its own NFE — all from the same noise against the same reference.
+    `extra_metrics(samples)` adds its columns to each record (e.g. `fid.bench_fd_metric`: an FD score)."""
     from ..amed.checkpoint import load_checkpoint, sample_checkpoint
 
     seeds = list(range(first_seed, first_seed + n_samples))
@@ -104,6 +106,7 @@ def run_bench(
         records.append({
             "solver": spec.label, "nfe": target, "num_steps": steps, "schedule": spec.schedule_label,
             "afs": afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start,
+            **(extra_metrics(x) if extra_metrics else {}),
         })
     for path, predictor, settings in loaded:
         start = time.perf_counter()
@@ -112,21 +115,23 @@ def run_bench(
             "solver": settings.label, "nfe": settings.nfe, "num_steps": settings.num_steps,
             "schedule": settings.schedule + (f"(rho={settings.rho:g})" if settings.rho is not None else ""),
             "afs": settings.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "predictor": path,
+            **(extra_metrics(x) if extra_metrics else {}),
         })
     return records
 
 
-def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int]) -> tuple[list[str], list[list[str]]]:
-    """A solver × NFE grid of RMSE strings ('–' where a solver cannot hit that NFE), best per column marked *."""
+def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],
+               metric: str = "rmse") -> tuple[list[str], list[list[str]]]:
+    """A solver × NFE grid of `metric` strings ('–' where a solver cannot hit that NFE), best per column marked *."""
     header = ["solver", "schedule", *[f"NFE {n}" for n in nfes]]
-    best = {n: min((r["rmse"] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
+    best = {n: min((r[metric] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
     rows: dict[tuple[str, str], list[str]] = {}
     for r in records:
         if r["nfe"] not in nfes:
             continue
         row = rows.setdefault((r["solver"], r["schedule"]), ["–"] * len(nfes))
-        mark = "*" if r["rmse"] == best[r["nfe"]] else ""
-        row[list(nfes).index(r["nfe"])] = f"{r['rmse']:.4f}{mark}"
+        mark = "*" if r[metric] == best[r["nfe"]] else ""
+        row[list(nfes).index(r["nfe"])] = f"{r[metric]:.4f}{mark}"
     return header, [[s, sch, *cells] for (s, sch), cells in rows.items()]
 
 

@@ -65,7 +65,20 @@ def _digits_opt() -> ModelInfo:
     )
 
 
-BUILTIN_MODELS: dict[str, Callable[[], ModelInfo]] = {"gmm": _gmm, "digits-opt": _digits_opt}
+def _digits() -> ModelInfo:
+    """The shipped EDM-preconditioned U-Net trained on sklearn digits at 16×16 (EMA weights, eval mode).
+    Raises ModelError when the weights file is missing or corrupt."""
+    from .unet import load_unet
+
+    net = load_unet()
+    return ModelInfo(
+        "digits", net, net.shape, 0.002, 80.0,
+        description="EDM U-Net trained on sklearn digits at 16x16 (see models/unet.py, data/digits_unet.json)",
+        bottleneck=net.bottleneck,
+    )
+
+
+BUILTIN_MODELS: dict[str, Callable[[], ModelInfo]] = {"gmm": _gmm, "digits-opt": _digits_opt, "digits": _digits}
 DEFAULT_MODEL = "gmm"
 
 

@@ -113,6 +113,7 @@ def sample(
             x = integrate(algo, ev, x, sigmas, afs=afs, trajectory=traj, progress=progress,
                           controller=predictor.control)
     if denoise_to_zero:
+        ev.features = None  # the final D feeds no predictor (and a bottleneck hook is removed by now)
         x = ev(x, sigmas[-1:], len(sigmas) - 1).denoised
         if traj is not None:
             traj[-1] = x

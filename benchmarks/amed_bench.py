@@ -1,0 +1,133 @@
+"""AMED vs the classic solvers on the analytic models (issue 3's acceptance table).
+
+For each model and NFE: every classic solver (with and without AFS, recommended schedules), the paper's two
+AMED recipes, and this project's improved recipes, all evaluated on seeds 0…n−1 (training uses seeds from
+1 000 000 on) against the same 1000-step Heun reference. Writes benchmarks/results/amed_<model>.{md,json}.
+
+    python benchmarks/amed_bench.py --models gmm,digits-opt --nfe 3,5,7
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import torch
+
+import fewstep
+from fewstep.amed.checkpoint import sample_checkpoint
+from fewstep.amed.train import TrainConfig, train
+from fewstep.evaluation.bench import DEFAULT_SOLVERS, SolverSpec
+from fewstep.evaluation.reference import reference_solution, rmse
+from fewstep.io import write_json, write_text
+from fewstep.models import load_model
+from fewstep.noise import seeded_noise
+from fewstep.solvers import num_steps_for_nfe
+
+PLUGIN_IPNDM = dict(student="ipndm", student_options={"max_order": 4}, schedule="polynomial", rho=7.0,
+                    scale_time=0.2)
+PLUGIN_DEIS = dict(student="deis", student_options={"max_order": 3}, schedule="time_uniform", rho=2.0,
+                   scale_time=0.2)
+
+# name → TrainConfig fields (num_steps is set per NFE). "paper" rows follow SPEC §5 exactly.
+RECIPES: dict[str, dict] = {
+    "AMED-Solver (paper)": dict(student="amed", teacher="heun", M=1, schedule="time_uniform", rho=1.0),
+    "AMED-Plugin iPNDM (paper)": dict(teacher="ipndm", teacher_options={"max_order": 4}, M=2, **PLUGIN_IPNDM),
+    "AMED-Plugin iPNDM (fine teacher, step+e2e)": dict(teacher="heun", M=15, loss="step+e2e", **PLUGIN_IPNDM),
+    "AMED-Plugin DEIS (fine teacher, e2e, s_dir 0.1)": dict(teacher="heun", M=15, loss="e2e", scale_dir=0.1,
+                                                            **PLUGIN_DEIS),
+}
+
+
+def classic_rows(model, noise, ref, nfes):
+    rows = []
+    for name in DEFAULT_SOLVERS:
+        spec = SolverSpec.parse(name)
+        for afs in (False, True):
+            for nfe in nfes:
+                steps = num_steps_for_nfe(spec.solver, nfe, afs=afs, **spec.options)
+                if steps is None:
+                    continue
+                sched = fewstep.get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho)
+                x = fewstep.sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
+                rows.append({"method": spec.label + (" +AFS" if afs else ""), "nfe": nfe, "rmse": rmse(x, ref),
+                             "kind": "classic"})
+    return rows
+
+
+def amed_rows(model, noise, ref, nfes, kimg, out_dir):
+    rows = []
+    for name, recipe in RECIPES.items():
+        for nfe in nfes:
+            cfg = TrainConfig(afs=True, kimg=kimg, **recipe)
+            cfg.num_steps = num_steps_for_nfe(cfg.student, nfe, afs=True, amed=True, **cfg.student_options)
+            if cfg.num_steps is None or cfg.num_steps < 2:
+                continue
+            start = time.perf_counter()
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+            predictor, settings, stats = train(model, cfg, out=out_dir / f"{slug}_nfe{nfe}", progress=False)
+            x = sample_checkpoint(model, noise, predictor, settings)
+            rows.append({"method": name, "nfe": nfe, "rmse": rmse(x, ref), "kind": "amed",
+                         "train_seconds": time.perf_counter() - start, "loss_first": stats["loss_first"],
+                         "loss_last": stats["loss_last"]})
+            print(f"  {name} NFE {nfe}: {rows[-1]['rmse']:.4f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def summary(rows, nfes):
+    lines = ["| NFE | best classic | RMSE | best AMED | RMSE | ratio | AMED-Plugin iPNDM / iPNDM+AFS |",
+             "|---|---|---|---|---|---|---|"]
+    for nfe in nfes:
+        classic = min((r for r in rows if r["nfe"] == nfe and r["kind"] == "classic"), key=lambda r: r["rmse"])
+        amed = min((r for r in rows if r["nfe"] == nfe and r["kind"] == "amed"), key=lambda r: r["rmse"])
+        ipndm = next(r for r in rows if r["nfe"] == nfe and r["method"] == "ipndm +AFS")
+        plugin = min((r for r in rows if r["nfe"] == nfe and r["method"].startswith("AMED-Plugin iPNDM")),
+                     key=lambda r: r["rmse"])
+        lines.append(f"| {nfe} | {classic['method']} | {classic['rmse']:.4f} | {amed['method']} | {amed['rmse']:.4f} "
+                     f"| {amed['rmse'] / classic['rmse']:.2f} | {plugin['rmse'] / ipndm['rmse']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def full_table(rows, nfes):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for m in methods:
+        cells = []
+        for n in nfes:
+            r = next((r for r in rows if r["method"] == m and r["nfe"] == n), None)
+            cells.append(f"{r['rmse']:.4f}" if r else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gmm,digits-opt")
+    ap.add_argument("--nfe", default="3,5,7")
+    ap.add_argument("--n", type=int, default=512, help="evaluation samples (seeds 0…n−1)")
+    ap.add_argument("--kimg", type=float, default=20.0, help="training trajectories (thousands) per predictor")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    out = Path(args.out)
+    for name in args.models.split(","):
+        model = load_model(name)
+        seeds = list(range(args.n))
+        ref, noise = reference_solution(model, seeds), seeded_noise(seeds, model.shape)
+        print(f"== {name}", flush=True)
+        rows = classic_rows(model, noise, ref, nfes)
+        rows += amed_rows(model, noise, ref, nfes, args.kimg, Path("runs/amed_bench") / name)
+        text = (f"# AMED vs classic solvers on `{name}` ({args.n} evaluation seeds, RMSE to the reference)\n\n"
+                + summary(rows, nfes) + "\n" + full_table(rows, nfes))
+        write_text(out / f"amed_{name}.md", text)
+        write_json(out / f"amed_{name}.json", rows)
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Evaluation subcommands: `fewstep fid ref|calc` (FID-style scores) and `fewstep analyze` (trajectory geometry).
+
+Registered through `fewstep.cli.COMMAND_MODULES`; also runnable alone as `python -m fewstep.evaluation.commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import FewstepError
+
+
+def _console() -> Any:
+    from ..cli import console
+
+    return console
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _feature_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from .fid import FEATURE_NETWORKS, INCEPTION_WEIGHTS_ENV
+
+    p.add_argument("--features", default=default, choices=list(FEATURE_NETWORKS),
+                   help="feature network: digits (the project's digit classifier, 'FD-digits') or inception "
+                        "(standard FID, needs pip install 'fewstep[fid]')"
+                        + (f" (default {default})" if default else " (default: the reference's)"))
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help=f"pytorch-fid Inception weights (.pth); else ${INCEPTION_WEIGHTS_ENV}, else the torch hub "
+                        "cache (checkpoints/pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
+    p.add_argument("--batch", type=int, default=128, help="images per feature-network call")
+    p.add_argument("--device", default="auto", help="cpu, cuda, … (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def cmd_fid_ref(args: argparse.Namespace) -> int:
+    from .fid import compute_stats
+
+    start = time.perf_counter()
+    stats = compute_stats(args.images, args.features, batch=args.batch, device=_device(args.device),
+                          reservoir=args.kid_features, progress=not args.no_progress, weights=args.inception_weights)
+    stats.save(args.dest, source=str(args.images))
+    _console().print(f"wrote {args.dest}: {stats.n} images, {stats.dim}-d {args.features} features"
+                     + (f", {len(stats.kid_features)} kept for KID" if stats.kid_features is not None else "")
+                     + f" ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _resolve_ref(ref: str) -> Any:
+    from .fid import REFERENCE_FILES, FeatureStats, reference_stats
+
+    if not Path(ref).exists() and ref in REFERENCE_FILES:
+        return reference_stats(ref)
+    if not Path(ref).is_file():
+        raise FewstepError(f"reference statistics {ref} not found (make them with `fewstep fid ref`, or use a "
+                           f"shipped one: {', '.join(REFERENCE_FILES)})")
+    return FeatureStats.load(ref)
+
+
+def cmd_fid_calc(args: argparse.Namespace) -> int:
+    from .fid import fid_score
+
+    start = time.perf_counter()
+    ref = _resolve_ref(args.ref)
+    result = fid_score(args.images, ref, features=args.features, kid=args.kid, batch=args.batch,
+                       device=_device(args.device), progress=not args.no_progress, weights=args.inception_weights,
+                       reservoir=args.kid_features if args.kid else 0)
+    result.update(images=str(args.images), ref=str(args.ref), seconds=time.perf_counter() - start)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            from ..io import write_text
+
+            write_text(args.json, text + "\n")
+    if args.json != "-":
+        label = "FD-digits" if result["features"] == "digits" else "FID"
+        line = f"{label} {result['fd']:.4f}  ({result['n']} images vs {result['n_ref']} reference)"
+        if args.kid:
+            line += f"   KID {result['kid']:.6f} ± {result['kid_std']:.6f}"
+        _console().print(line)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ..cli import _options
+    from ..models import load_model
+    from .analysis import analyze, write_report
+
+    model = load_model(args.model)
+    result = analyze(model, args.solver, args.num_steps, args.n, first_seed=args.first_seed, schedule=args.schedule,
+                     rho=args.rho, batch=args.batch, options=_options(args.opt), progress=not args.no_progress)
+    files = write_report(result, args.out)
+    s = result.summary()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    ev = s["explained_variance"]
+    console = _console()
+    console.print(f"{model.name}, {args.solver}, {args.num_steps} points (NFE {s['nfe']}), {s['n']} trajectories, "
+                  f"{result.seconds:.1f} s")
+    for k, e in ev.items():
+        err = s["relative_reconstruction_error"][k]
+        console.print(f"  k = {k}: explained variance mean {e['mean'] * 100:.5f} % (min {e['min'] * 100:.5f} %), "
+                      f"relative reconstruction error mean {err['mean']:.3g}, max {err['max']:.3g}")
+    if "angle_d_vs_x_minus_end_deg" in s:
+        console.print(f"  angle(d_i, x_i − x_end): mean {s['angle_d_vs_x_minus_end_deg']['mean']:.2f}°, "
+                      f"max {s['angle_d_vs_x_minus_end_deg']['max']:.2f}°;  distance to the line x_T → x_end: "
+                      f"max {s['line_deviation']['max_rel']:.3g} of its length")
+    console.print(f"wrote {', '.join(f.name for f in files)} to {args.out}")
+    return 0
+
+
+def bench_extra_metrics(args: argparse.Namespace, model: Any) -> Any:
+    """`fewstep bench --fid`: the FD metric for `run_bench(extra_metrics=…)`, or None without --fid."""
+    if not getattr(args, "fid", False):
+        return None
+    from .fid import bench_fd_metric
+
+    return bench_fd_metric(model.name)
+
+
+def bench_report(args: argparse.Namespace, records: Sequence[dict[str, Any]], nfes: Sequence[int],
+                 print_table: Any) -> None:
+    """After `fewstep bench`: the FD table (--fid) and the error/FD-vs-NFE chart (--plot FILE)."""
+    from .bench import table_rows
+    from .fid import model_feature_network
+    from .plots import plot_error_vs_nfe
+
+    metrics = ["rmse"]
+    if getattr(args, "fid", False):
+        key = f"fd_{model_feature_network(args.model)}"
+        metrics.append(key)
+        header, rows = table_rows(records, nfes, metric=key)
+        print_table(header, rows, f"FD-{key[3:]} of the samples vs the shipped reference statistics — {args.model}, "
+                    f"{args.n} samples (* best per NFE)")
+    if getattr(args, "plot", None):
+        plot_error_vs_nfe(records, args.plot, title=f"{args.model}: {args.n} samples", metric=metrics)
+        _console().print(f"wrote {args.plot}")
+
+
+def add_commands(sub: Any) -> None:
+    """Add `fid` (with `ref` and `calc`) and `analyze` to the `fewstep` sub-parsers."""
+    from ..models import BUILTIN_MODELS
+
+    p = sub.add_parser("fid", help="FID-style scores: reference statistics and Fréchet distance / KID",
+                       description="Fréchet distance (and KID) between images and reference statistics, from "
+                                   "features streamed in float64. IMAGES is a folder of PNGs or an .npz with "
+                                   "'images' (uint8 [N,H,W,C] or float in [-1,1]).")
+    fs = p.add_subparsers(dest="fid_command", required=True)
+    r = fs.add_parser("ref", help="compute reference statistics of a set of images")
+    r.add_argument("--images", required=True, help="folder of PNGs or .npz")
+    r.add_argument("--dest", required=True, help="output statistics .npz")
+    _feature_args(r, "digits")
+    r.add_argument("--kid-features", type=int, default=10_000, metavar="N",
+                   help="feature rows kept (uniform random subset) for KID (default 10000; 0: none)")
+    r.set_defaults(func=cmd_fid_ref)
+    c = fs.add_parser("calc", help="score images against reference statistics")
+    c.add_argument("--images", required=True, help="folder of PNGs or .npz")
+    c.add_argument("--ref", required=True,
+                   help="statistics .npz from `fewstep fid ref` (or pytorch-fid's mu/sigma), or 'digits' for the "
+                        "shipped statistics of the built-in digit data")
+    c.add_argument("--kid", action="store_true", help="also KID (needs a reference with kept feature rows)")
+    c.add_argument("--kid-features", type=int, default=10_000, metavar="N", help="rows kept for KID")
+    c.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print the result as JSON (or write it to FILE)")
+    _feature_args(c, None)
+    c.set_defaults(func=cmd_fid_calc)
+
+    a = sub.add_parser("analyze", help="trajectory geometry: PCA of sampling trajectories (the 2-D subspace)",
+                       description="Sample n trajectories and measure, per trajectory, the PCA reconstruction error "
+                                   "with k = 1…4 components at every step, the cumulative explained variance, the "
+                                   "distance from the straight line x_T → x_end and the angle between d and "
+                                   "x − x_end (SPEC §7). Writes summary.json, per_trajectory.npz and PNG plots.")
+    a.add_argument("--model", default="digits-opt", choices=list(BUILTIN_MODELS), help="built-in model")
+    a.add_argument("--solver", default="heun", help="solver (default heun)")
+    a.add_argument("--num-steps", type=int, default=41, help="grid points N (default 41: 40 Heun steps)")
+    a.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")
+    a.add_argument("--rho", type=float, default=None, help="schedule ρ")
+    a.add_argument("--opt", action="append", default=[], metavar="K=V", help="solver option")
+    a.add_argument("--n", type=int, default=1000, help="number of trajectories (seeds first-seed…)")
+    a.add_argument("--first-seed", type=int, default=0, help="first noise seed")
+    a.add_argument("--batch", type=int, default=None,
+                   help="trajectories per batch (default: as many as fit a ~256 MB budget)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a.set_defaults(func=cmd_analyze)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run these subcommands without the main `fewstep` parser (same error handling as `fewstep`)."""
+    parser = argparse.ArgumentParser(prog="python -m fewstep.evaluation.commands", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FewstepError as e:
+        _console().print(f"[red]error:[/red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Train the built-in `digits` U-Net from scratch: `fewstep train-model --out DIR`.
+
+EDM training (arXiv 2206.00364): ln σ ~ N(P_mean = −1.2, P_std = 1.2), loss weight λ(σ) = (σ²+σ_d²)/(σ·σ_d)²,
+σ_d = 0.5; Adam with a linear learning-rate warm-up; an exponential moving average (EMA) of the weights is what
+gets exported. Data: sklearn's bundled digits, bilinearly up-sampled to the model resolution, minus a fixed
+held-out split reserved for the digit classifier.
+
+The output folder gets `checkpoint.pt` every `--ckpt-every` iterations and at the end (model, EMA, optimizer,
+iteration, RNG states, wall time so far; written atomically), so an interrupted run continues where it stopped
+when started again with the same folder. At the end the EMA weights are exported as `digits_unet.safetensors`
+with a `train_info.json` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import FewstepError
+from ..io import atomic_write, write_json
+from .unet import DEFAULT_CONFIG, DigitsUNet, num_parameters, save_unet
+
+HOLDOUT_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------------- data
+
+def digits_labels() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.as_tensor(load_digits().target, dtype=torch.long)
+
+
+def digits_images(resolution: int = 16) -> torch.Tensor:
+    """All 1 797 digits in [−1, 1] as float32 [1797, 1, r, r] (bilinear up-sampling from 8×8, no corner alignment)."""
+    from .registry import digits_data
+
+    x = digits_data().float()
+    if resolution != 8:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return x
+
+
+def split_indices(n: int = 1797, holdout: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held_out) index sets: a fixed random permutation; the last `holdout` fraction is held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(n * holdout))
+    return perm[: n - k].sort().values, perm[n - k:].sort().values
+
+
+def digits_split(resolution: int = 16) -> dict[str, torch.Tensor]:
+    """{'train_x', 'train_y', 'held_x', 'held_y'}: the diffusion model trains on `train`, the classifier on `held`."""
+    x, y = digits_images(resolution), digits_labels()
+    tr, ho = split_indices(len(x))
+    return {"train_x": x[tr], "train_y": y[tr], "held_x": x[ho], "held_y": y[ho]}
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by an integer offset in [−max_shift, max_shift]² (background −1 fills the border)."""
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), value=-1.0)
+    off = torch.randint(0, 2 * p + 1, (b, 2), generator=gen)
+    return torch.stack([padded[i, :, off[i, 0]: off[i, 0] + h, off[i, 1]: off[i, 1] + w] for i in range(b)])
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+@dataclass
+class UNetTrainConfig:
+    iters: int = 10000
+    batch: int = 128
+    lr: float = 2e-3
+    warmup: int = 300
+    lr_decay: int = 2000  # after this many iterations the rate falls as 1/√(it/lr_decay); 0 = constant
+    ema_decay: float = 0.999
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    augment_shift: int = 0  # max pixel shift (at model resolution); 0 = off
+    seed: int = 0
+    ckpt_every: int = 500
+    threads: int = 1
+    arch: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the checkpoint (iters/ckpt_every/threads may change)."""
+        d = asdict(self)
+        for k in ("iters", "ckpt_every", "threads"):
+            d.pop(k)
+        return d
+
+
+def edm_loss(net: DigitsUNet, x0: torch.Tensor, gen: torch.Generator, p_mean: float, p_std: float) -> torch.Tensor:
+    sigma_data = net.sigma_data
+    sigma = (torch.randn(x0.shape[0], generator=gen) * p_std + p_mean).exp()
+    noise = torch.randn(x0.shape, generator=gen)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    denoised = net(x0 + sigma[:, None, None, None] * noise, sigma)
+    return (weight[:, None, None, None] * (denoised - x0) ** 2).mean()
+
+
+def _lr_at(cfg: UNetTrainConfig, it: int) -> float:
+    """Linear warm-up, then constant, then inverse-square-root decay (independent of the total, so a run can be
+    extended by resuming with a larger --iters)."""
+    lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup))
+    if cfg.lr_decay > 0 and it > cfg.lr_decay:
+        lr /= (it / cfg.lr_decay) ** 0.5
+    return lr
+
+
+def _ema_decay_at(cfg: UNetTrainConfig, it: int) -> float:
+    return min(cfg.ema_decay, (1 + it) / (10 + it))
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log_every: int = 250,
+               stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) into `out`; returns the info dict also written to `out/train_info.json`.
+
+    `stop_after` ends the session after that many iterations of this call (a checkpoint is written), to
+    simulate an interruption; the run can then be resumed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    data = digits_split(int(cfg.arch["resolution"]))["train_x"]
+    torch.manual_seed(cfg.seed)
+    net = DigitsUNet.from_config(cfg.arch)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start_it, wall, losses = 0, 0.0, []
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise FewstepError(f"cannot read checkpoint {ckpt_path}: {e}") from e
+        if ck["config"] != cfg.resume_key():
+            raise FewstepError(f"{ckpt_path} was written with different settings; use a new --out folder\n"
+                               f"  checkpoint: {ck['config']}\n  now:        {cfg.resume_key()}")
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        start_it, wall, losses = ck["iteration"], ck["wall_s"], ck["losses"]
+
+    def checkpoint(it: int) -> None:
+        _save_checkpoint(ckpt_path, {
+            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "iteration": it,
+            "wall_s": wall, "losses": losses, "config": cfg.resume_key(),
+        })
+
+    end_it = cfg.iters if stop_after is None else min(cfg.iters, start_it + stop_after)
+    net.train()
+    t_last = time.perf_counter()
+    run_loss, run_n = 0.0, 0
+    bar = tqdm(range(start_it, end_it), initial=start_it, total=cfg.iters, desc="train-model",
+               disable=not progress, mininterval=2.0)
+    for it in bar:
+        idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
+        x0 = random_shift(data[idx], cfg.augment_shift, gen)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, it)
+        loss = edm_loss(net, x0, gen, cfg.p_mean, cfg.p_std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        opt.step()
+        beta = _ema_decay_at(cfg, it)
+        with torch.no_grad():
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn, 1 - beta)
+        run_loss += float(loss)
+        run_n += 1
+        done = it + 1
+        if done % log_every == 0 or done == end_it:
+            now = time.perf_counter()
+            wall += now - t_last
+            t_last = now
+            losses.append([done, run_loss / run_n])
+            bar.set_postfix(loss=f"{run_loss / run_n:.4f}")
+            tqdm.write(f"iter {done}  loss {run_loss / run_n:.4f}  wall {wall:.0f} s")
+            run_loss, run_n = 0.0, 0
+        if done % cfg.ckpt_every == 0 or done == end_it:
+            now = time.perf_counter()
+            wall += now - t_last
+            t_last = now
+            checkpoint(done)
+    bar.close()
+    info = {
+        "iterations": end_it, "finished": end_it >= cfg.iters, "wall_s": round(wall, 1),
+        "s_per_iter": round(wall / max(1, end_it), 4), "parameters": num_parameters(net),
+        "train_images": len(data), "settings": asdict(cfg), "losses": losses,
+        "torch": torch.__version__,
+    }
+    if end_it >= cfg.iters:
+        save_unet(out / "digits_unet.safetensors", ema.eval(),
+                  extra={"iterations": str(end_it), "wall_s": f"{wall:.1f}"})
+    write_json(out / "train_info.json", info)
+    return info
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+def cmd_train_model(args: argparse.Namespace) -> int:
+    arch = dict(DEFAULT_CONFIG)
+    if args.channels:
+        arch["channels"] = [int(c) for c in args.channels.split(",")]
+    if args.resolution:
+        arch["resolution"] = args.resolution
+    if args.blocks:
+        arch["blocks_per_level"] = args.blocks
+    cfg = UNetTrainConfig(iters=args.iters, batch=args.batch, lr=args.lr, warmup=args.warmup, lr_decay=args.lr_decay,
+                          ema_decay=args.ema, augment_shift=args.augment_shift, seed=args.seed,
+                          ckpt_every=args.ckpt_every, threads=args.threads, arch=arch)
+    info = train_unet(args.out, cfg, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2))
+    if info["finished"]:
+        print(f"EMA weights: {Path(args.out) / 'digits_unet.safetensors'}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "train-model", help="train the built-in `digits` U-Net from scratch (resumable)",
+        description="Train the EDM-preconditioned digits U-Net with the EDM loss and EMA weights. Checkpoints go to "
+                    "OUT/checkpoint.pt; running the same command again resumes from it. At the end the EMA weights "
+                    "are written to OUT/digits_unet.safetensors (load with fewstep.models.unet.load_unet(path)).")
+    d = UNetTrainConfig()
+    p.add_argument("--out", required=True, help="output folder (checkpoint, exported weights, train_info.json)")
+    p.add_argument("--iters", type=int, default=d.iters, help=f"total training iterations (default {d.iters})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default {d.batch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate after warm-up (default {d.lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up iterations (default {d.warmup})")
+    p.add_argument("--lr-decay", type=int, default=d.lr_decay,
+                   help=f"iterations after which the rate decays as 1/sqrt(it/N) (default {d.lr_decay}; 0 = off)")
+    p.add_argument("--ema", type=float, default=d.ema_decay, help=f"EMA decay (default {d.ema_decay})")
+    p.add_argument("--augment-shift", type=int, default=d.augment_shift,
+                   help="random integer shifts up to this many pixels (default 0 = off)")
+    p.add_argument("--channels", help="comma-separated widths per level (default "
+                   + ",".join(map(str, DEFAULT_CONFIG["channels"])) + ")")
+    p.add_argument("--blocks", type=int, help=f"residual blocks per level (default {DEFAULT_CONFIG['blocks_per_level']})")
+    p.add_argument("--resolution", type=int, help=f"image size (default {DEFAULT_CONFIG['resolution']})")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint period (default {d.ckpt_every})")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_train_model)
