@@ -10,7 +10,6 @@ AMED recipes, and this project's improved recipes, all evaluated on seeds 0…n�
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 
 import fewstep
 from fewstep.amed.checkpoint import sample_checkpoint
-from fewstep.amed.train import TrainConfig, train
+from fewstep.amed.recipes import recipe
+from fewstep.amed.train import train
 from fewstep.evaluation.bench import DEFAULT_SOLVERS, SolverSpec
 from fewstep.evaluation.reference import reference_solution, rmse
 from fewstep.io import write_json, write_text
@@ -26,18 +26,12 @@ from fewstep.models import load_model
 from fewstep.noise import seeded_noise
 from fewstep.solvers import num_steps_for_nfe
 
-PLUGIN_IPNDM = dict(student="ipndm", student_options={"max_order": 4}, schedule="polynomial", rho=7.0,
-                    scale_time=0.2)
-PLUGIN_DEIS = dict(student="deis", student_options={"max_order": 3}, schedule="time_uniform", rho=2.0,
-                   scale_time=0.2)
-
-# name → TrainConfig fields (num_steps is set per NFE). "paper" rows follow SPEC §5 exactly.
-RECIPES: dict[str, dict] = {
-    "AMED-Solver (paper)": dict(student="amed", teacher="heun", M=1, schedule="time_uniform", rho=1.0),
-    "AMED-Plugin iPNDM (paper)": dict(teacher="ipndm", teacher_options={"max_order": 4}, M=2, **PLUGIN_IPNDM),
-    "AMED-Plugin iPNDM (fine teacher, step+e2e)": dict(teacher="heun", M=15, loss="step+e2e", **PLUGIN_IPNDM),
-    "AMED-Plugin DEIS (fine teacher, e2e, s_dir 0.1)": dict(teacher="heun", M=15, loss="e2e", scale_dir=0.1,
-                                                            **PLUGIN_DEIS),
+# table label → recipe name in fewstep.amed.recipes ("paper" rows follow SPEC §5 exactly)
+RECIPE_ROWS = {
+    "AMED-Solver (paper)": "paper-solver",
+    "AMED-Plugin iPNDM (paper)": "paper-plugin",
+    "AMED-Plugin iPNDM (improved)": "plugin-ipndm",
+    "AMED-Plugin DEIS (improved)": "plugin-deis",
 }
 
 
@@ -57,22 +51,20 @@ def classic_rows(model, noise, ref, nfes):
     return rows
 
 
-def amed_rows(model, noise, ref, nfes, kimg, out_dir):
+def amed_rows(model, noise, ref, nfes, kimg, out_dir, only=None):
     rows = []
-    for name, recipe in RECIPES.items():
+    for label, name in RECIPE_ROWS.items():
+        if only and name not in only:
+            continue
         for nfe in nfes:
-            cfg = TrainConfig(afs=True, kimg=kimg, **recipe)
-            cfg.num_steps = num_steps_for_nfe(cfg.student, nfe, afs=True, amed=True, **cfg.student_options)
-            if cfg.num_steps is None or cfg.num_steps < 2:
-                continue
+            cfg = recipe(name, nfe, kimg=kimg)
             start = time.perf_counter()
-            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-            predictor, settings, stats = train(model, cfg, out=out_dir / f"{slug}_nfe{nfe}", progress=False)
+            predictor, settings, stats = train(model, cfg, out=out_dir / f"{name}_nfe{nfe}", progress=False)
             x = sample_checkpoint(model, noise, predictor, settings)
-            rows.append({"method": name, "nfe": nfe, "rmse": rmse(x, ref), "kind": "amed",
+            rows.append({"method": label, "nfe": nfe, "rmse": rmse(x, ref), "kind": "amed",
                          "train_seconds": time.perf_counter() - start, "loss_first": stats["loss_first"],
                          "loss_last": stats["loss_last"]})
-            print(f"  {name} NFE {nfe}: {rows[-1]['rmse']:.4f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
+            print(f"  {label} NFE {nfe}: {rows[-1]['rmse']:.4f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
     return rows
 
 
@@ -109,7 +101,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="evaluation samples (seeds 0…n−1)")
     ap.add_argument("--kimg", type=float, default=20.0, help="training trajectories (thousands) per predictor")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small models)")
+    ap.add_argument("--recipes", default="", help="comma-separated recipe names to run (default: all rows)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +114,8 @@ def main() -> None:
         ref, noise = reference_solution(model, seeds), seeded_noise(seeds, model.shape)
         print(f"== {name}", flush=True)
         rows = classic_rows(model, noise, ref, nfes)
-        rows += amed_rows(model, noise, ref, nfes, args.kimg, Path("runs/amed_bench") / name)
+        only = set(filter(None, args.recipes.split(",")))
+        rows += amed_rows(model, noise, ref, nfes, args.kimg, Path("runs/amed_bench") / name, only)
         text = (f"# AMED vs classic solvers on `{name}` ({args.n} evaluation seeds, RMSE to the reference)\n\n"
                 + summary(rows, nfes) + "\n" + full_table(rows, nfes))
         write_text(out / f"amed_{name}.md", text)

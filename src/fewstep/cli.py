@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +30,17 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
+def model_arg(text: str) -> str:
+    """--model: a built-in model name, or `package.module:factory` / `path/file.py:factory` (a user model)."""
+    if text in BUILTIN_MODELS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: use a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                                     "or package.module:factory")
+
+
+MODEL_HELP = "built-in model ({}) or package.module:factory returning a denoiser (docs/integrations.md)"
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
     table = Table(title=title or None)
     for i, h in enumerate(header):
@@ -39,8 +51,8 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: st
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS),
-                   help=f"built-in model (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg,
+                   help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + f"; default {DEFAULT_MODEL}")
     p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFES),
                    help="comma-separated NFE budgets (default 3,4,5,6,7,8,10)")
     p.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
@@ -176,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: $FEWSTEP_THREADS or torch's own choice); 1 is fastest "
+                             "for the small analytic models and on a busy machine")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
@@ -189,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train AMED predictors, benchmark them beside every classic "
                                     "solver at NFE 3-10, write table, plot and sample pictures")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg, help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)))
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n", type=int, default=256, help="number of evaluation samples (seeds 0…n-1)")
     p.add_argument("--kimg", type=float, default=10.0, help="training trajectories (thousands) per predictor")
@@ -201,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--teacher heun --M 1 --schedule time_uniform --rho 1 --afs --scale-dir 0.01; "
                                    "AMED-Plugin = --student ipndm --max-order 4 --teacher ipndm --M 2 --schedule "
                                    "polynomial --rho 7 --afs --scale-dir 0.01 --scale-time 0.2.")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg, help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)))
     p.add_argument("--student", default="amed", help="amed (AMED-Solver) or a solver to plug AMED into")
     p.add_argument("--teacher", default="heun", help="teacher solver run on the refined grid")
     p.add_argument("--num-steps", type=int, default=4, help="student grid points N (NFE = 2(N-1), -1 with AFS)")
@@ -226,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a model with any solver (or an AMED predictor) to PNGs / .npz")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg, help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)))
     p.add_argument("--solver", default="ipndm", help="solver name (ignored with --predictor)")
     p.add_argument("--nfe", type=int, default=None, help="NFE budget (sets num_steps)")
     p.add_argument("--num-steps", type=int, default=None, help="grid points N instead of --nfe")
@@ -255,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = args.threads or int(os.environ.get("FEWSTEP_THREADS", "0"))
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return args.func(args)
     except FewstepError as e:
