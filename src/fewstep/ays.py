@@ -68,4 +68,4 @@ def ays(num_steps: int, sigma_min: float, sigma_max: float, model: object | None
             f"the Align-Your-Steps table {key!r} spans σ ∈ [{t_lo:g}, {t_hi:g}] but the model's σ range is "
             f"[{lo:g}, {hi:g}]; AYS tables are for SD-1.x/SDXL-type models (σ ≈ 0.0292–14.61)"
         )
-    return loglinear_interp(sigmas, num_steps)
+    return sigmas if num_steps == len(sigmas) else loglinear_interp(sigmas, num_steps)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import FewstepError
-from .evaluation.bench import DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, run_bench, table_rows
+from .evaluation.bench import DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, expand_schedules, run_bench, table_rows
 from .io import write_json
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from .solvers import RECOMMENDED_SCHEDULE, SOLVERS
@@ -62,6 +62,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=512, help="number of samples (seeds first-seed…first-seed+n-1)")
     p.add_argument("--first-seed", type=int, default=0, help="first noise seed (default 0)")
     p.add_argument("--afs", action="store_true", help="analytical first step for every solver (saves one NFE)")
+    p.add_argument("--schedules", default=None,
+                   help="comma-separated schedules to run every solver on (solver × schedule × NFE): polynomial, "
+                        "logsnr, time_uniform, discrete (optionally name:rho), gits (searched per NFE for the "
+                        "model), gits:FILE, ays:TABLE; default: each solver's own schedule")
     p.add_argument("--predictor", action="append", default=[], metavar="DIR",
                    help="an AMED predictor checkpoint folder to add as a row (repeatable); it runs with its "
                         "own stored settings at its own NFE")
@@ -82,7 +86,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     start = time.perf_counter()
-    records = run_bench(model, _parse_specs(args.solvers), args.nfe, n_samples=args.n,
+    specs = _parse_specs(args.solvers)
+    if args.schedules:
+        specs = expand_schedules(specs, args.schedules.split(","))
+    records = run_bench(model, specs, args.nfe, n_samples=args.n,
                         first_seed=args.first_seed, afs=args.afs, progress=not args.no_progress,
                         predictors=args.predictor, extra_metrics=bench_extra_metrics(args, model))
     header, rows = table_rows(records, sorted(set(args.nfe) | {r["nfe"] for r in records}))
@@ -181,7 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines `add_commands(sub)` (argparse sub-parsers action) and
 # sets `func` on its parsers; a command function returns the exit code.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("fewstep.gits_cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:

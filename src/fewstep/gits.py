@@ -8,7 +8,7 @@ for a few hundred warm-up trajectories is good for all of them. GITS
    0, 1, … and from AMED's training seeds) and records the states x_i and the directions
    d_i = (x_i − D(x_i, t_i))/t_i at the grid points;
 2. builds the cost matrix C[i][j] (i < j) = the mean over samples of the error of one Euler jump
-   x̂_ij = x_i + (t_j − t_i)·d_i against the teacher's x_j (`cost_matrix`, metrics below);
+   x̂_ij = x_i + (t_j − t_i)·d_i against the teacher's x_j (`cost_sums`, metrics below);
 3. picks the K-interval path 0 = p_0 < p_1 < … < p_K = N−1 through the fine grid that minimises the discounted
    cost Σ_k γ^k·C[p_k][p_{k+1}] by an exact dynamic programme (`dp_path`):
        V[j][1] = C[j][N−1],   V[j][k] = min_{j<i<N−1} C[j][i] + γ·V[i][k−1],   answer V[0][K],
@@ -19,10 +19,15 @@ for a few hundred warm-up trajectories is good for all of them. GITS
 
 K = num_steps − 1 intervals of the student solver (num_steps = `num_steps_for_nfe(solver, nfe, afs)`).
 
-AFS (`afs=True`): the student's first direction is the analytic d_0 = x_0/√(1 + t_0²), not the model's, so the
-cost of the first jump uses that direction (row 0 of C is recomputed with it); the DP then runs with K intervals
-as above. (The authors' code instead runs the DP with K − 1 intervals and inserts one free point in the first
-interval, searched by the final error; `afs_mode="insert"` does that, see `GitsSearch.schedule`.)
+AFS (`afs=True`, the student's first direction is the free analytic d_0 = x_0/√(1 + t_0²)): by default
+(`afs_mode="insert"`, the authors' procedure) the DP picks K − 1 intervals and one extra point is inserted in the
+first interval, the one that minimises the student's final RMSE to the teacher on the warm-up samples;
+`afs_mode="cost"` instead recomputes row 0 of C with AFS's direction and runs the DP with K intervals.
+
+Defaults (teacher iPNDM, 61-point polynomial ρ = 7 grid, 256 warm-up samples, metric l2, γ = 1.0) were chosen on
+held-out validation seeds (benchmarks/gits_bench.py --sweep): the paper's γ = 1.15 was on a cliff edge for `gmm`
+(iPNDM at NFE 4 no better than polynomial ρ = 7 for some warm-up seed sets), γ ∈ [0.95, 1.05] was safe on both
+analytic models, and l2 ≥ l1 > dev there.
 
 Metrics (per sample, then averaged over the warm-up samples; D = number of entries of x):
   * ``l2``:  ‖x̂_ij − x_j‖₂/√D  — the per-sample RMSE (the authors use the unnormalised norm: same argmin);
@@ -30,8 +35,8 @@ Metrics (per sample, then averaged over the warm-up samples; D = number of entri
   * ``dev``: |dev(x̂_ij) − dev(x_j)|/√D, where dev(y) = ‖(y − x_end) − ⟨y − x_end, u⟩u‖₂ is the distance of y
     from the straight line through the trajectory's start x_0 = x_T and end x_end = x_{N−1}
     (u = (x_end − x_0)/‖x_end − x_0‖): how much the jump changes the trajectory's deviation from its
-    start–end chord. (The authors' code takes the signed difference of the sample means, which can be negative;
-    we take the mean absolute per-sample difference, a proper non-negative cost.)
+    start–end chord. (The authors' code takes the signed difference of the sample means, which can be
+    negative; we take the mean absolute per-sample difference, a proper non-negative cost.)
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -59,7 +65,7 @@ METRICS = ("l2", "l1", "dev")
 DEFAULT_TEACHER = "ipndm"
 DEFAULT_GRID = 61
 DEFAULT_WARMUP = 256
-DEFAULT_GAMMA = 1.15
+DEFAULT_GAMMA = 1.0  # tuned on held-out seeds (benchmarks/gits_bench.py --sweep); the paper uses 1.15
 DEFAULT_METRIC = "l2"
 FILE_FORMAT = "fewstep-schedule"
 RANGE_RTOL = 1e-4  # a schedule file's endpoints must equal the model's σ range to this relative tolerance
@@ -70,12 +76,12 @@ RANGE_RTOL = 1e-4  # a schedule file's endpoints must equal the model's σ range
 
 
 def dp_path(cost: torch.Tensor, num_intervals: int, gamma: float = DEFAULT_GAMMA) -> tuple[list[int], float]:
-    """The exact minimiser of Σ_k γ^k·C[p_k][p_{k+1}] over index paths 0 = p_0 < … < p_K = N−1 (K = num_intervals).
+    """The exact minimiser of Σ_k γ^k·C[p_k][p_{k+1}] over paths 0 = p_0 < … < p_K = N−1 (K = num_intervals).
 
     `cost` is [N, N] with C[i][j] for i < j (entries with i ≥ j are ignored). Returns the path (K + 1 indices)
     and its discounted cost V[0][K]. Vectorised over the start index: O(K·N²).
     """
-    c = torch.as_tensor(cost, dtype=torch.float64)
+    c = torch.as_tensor(cost, dtype=torch.float64).detach().cpu().numpy().copy()  # small: numpy, no thread pool
     if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 2:
         raise FewstepError(f"cost must be a square matrix [N, N] with N >= 2, got shape {tuple(c.shape)}")
     n, k_max = c.shape[0], int(num_intervals)
@@ -83,17 +89,16 @@ def dp_path(cost: torch.Tensor, num_intervals: int, gamma: float = DEFAULT_GAMMA
         raise FewstepError(f"cannot choose {k_max} intervals from a grid of {n} points (need 1 <= K <= {n - 1})")
     if not (math.isfinite(gamma) and gamma > 0):
         raise FewstepError(f"gamma must be positive and finite, got {gamma!r}")
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
-    c = torch.where(upper, c, torch.full_like(c, math.inf))
-    if torch.isnan(c[upper]).any():
+    c[np.tril_indices(n)] = np.inf  # only forward jumps i < j
+    if np.isnan(c).any():
         raise FewstepError("the cost matrix contains NaN")
-    value = torch.full((n, k_max + 1), math.inf, dtype=torch.float64)
-    choice = torch.full((n, k_max + 1), -1, dtype=torch.long)
+    value = np.full((n, k_max + 1), np.inf)
+    choice = np.full((n, k_max + 1), n - 1, dtype=np.int64)
     value[:, 1] = c[:, n - 1]
-    choice[:, 1] = n - 1
     for k in range(2, k_max + 1):
-        cand = c[:, : n - 1] + gamma * value[: n - 1, k - 1][None, :]  # [j, i]: C[j][i] + γ·V[i][k−1]
-        value[:, k], choice[:, k] = cand.min(dim=1)
+        cand = c[:, : n - 1] + gamma * value[None, : n - 1, k - 1]  # [j, i]: C[j][i] + γ·V[i][k−1]
+        choice[:, k] = cand.argmin(axis=1)
+        value[:, k] = cand[np.arange(n), choice[:, k]]
     path, j = [0], 0
     for k in range(k_max, 0, -1):
         j = int(choice[j, k])
@@ -226,6 +231,7 @@ class GitsSearch:
             if grid < 3:
                 raise FewstepError(f"the GITS grid needs at least 3 points, got {grid}")
             fine = get_schedule(grid_schedule, grid, model.sigma_min, model.sigma_max, rho=grid_rho)
+            fine[0], fine[-1] = float(model.sigma_max), float(model.sigma_min)  # exact ends (no round-off)
             spec = {"schedule": grid_schedule, "rho": grid_rho, "points": grid}
         else:
             fine = check_schedule(grid, "GITS grid")
@@ -249,7 +255,7 @@ class GitsSearch:
         return cls(getattr(model, "name", "?"), fine, cost, cost_afs, teacher, options, warmup, metric,
                    time.perf_counter() - start, spec, torch.cat(finals), first_seed, model)
 
-    def schedule(self, num_steps: int, gamma: float = DEFAULT_GAMMA, afs: bool = False, afs_mode: str = "cost",
+    def schedule(self, num_steps: int, gamma: float = DEFAULT_GAMMA, afs: bool = False, afs_mode: str = "insert",
                  solver: str = "ipndm", solver_options: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[int]]:
         """The GITS schedule of `num_steps` points (K = num_steps − 1 intervals) and its fine-grid indices.
 
@@ -296,16 +302,25 @@ class GitsSearch:
             "model": self.model, "num_steps": num_steps, "nfe": nfe, "solver": solver, "afs": afs,
             "teacher": self.teacher, "teacher_options": self.teacher_options, "grid": self.grid_spec,
             "warmup": self.warmup, "gamma": gamma, "metric": self.metric, "seconds": round(self.seconds, 3),
-            "indices": path, "warmup_seeds": f"{GITS_SEED_BASE}-{GITS_SEED_BASE + self.warmup - 1}",
+            "indices": path, "warmup_seeds": f"{self.first_seed}-{self.first_seed + self.warmup - 1}",
         }
 
 
 def gits_schedule(model: Any, num_steps: int, gamma: float = DEFAULT_GAMMA, afs: bool = False,
+                  afs_mode: str = "insert", solver: str = "ipndm", solver_options: dict[str, Any] | None = None,
                   **search: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One GITS schedule of `num_steps` points for `model` and its metadata (`search`: see `GitsSearch.run`)."""
+    """One GITS schedule of `num_steps` points for `model` (a float64 decreasing tensor) and its metadata.
+
+    `search` goes to `GitsSearch.run` (teacher, grid, warmup, metric, …); `solver` is the student that AFS's
+    inserted point is tuned for. To cut schedules for several step counts, run one `GitsSearch` and call its
+    `schedule` for each: the warm-up and the cost matrix do not depend on num_steps.
+    """
+    start = time.perf_counter()
     gs = GitsSearch.run(model, **search)
-    sigmas, path = gs.schedule(num_steps, gamma, afs)
-    return sigmas, gs.metadata(num_steps, gamma, afs, path)
+    sigmas, path = gs.schedule(num_steps, gamma, afs, afs_mode, solver, solver_options)
+    meta = gs.metadata(num_steps, gamma, afs, path, solver)
+    meta.update(afs_mode=afs_mode if afs else None, seconds=round(time.perf_counter() - start, 3))
+    return sigmas, meta
 
 
 def refine_schedule(sigmas: torch.Tensor, m: int, rho: float = 7.0) -> torch.Tensor:
@@ -369,16 +384,13 @@ def load_schedule(path: str | os.PathLike, num_steps: int | None = None, sigma_m
                             f"schedule for this step count with `fewstep gits --nfe …`")
     lo = getattr(model, "sigma_min", sigma_min)
     hi = getattr(model, "sigma_max", sigma_max)
-    if hi is not None and abs(float(t[0]) - hi) > RANGE_RTOL * hi or \
-            lo is not None and abs(float(t[-1]) - lo) > RANGE_RTOL * lo:
+    bad_hi = hi is not None and abs(float(t[0]) - float(hi)) > RANGE_RTOL * float(hi)
+    bad_lo = lo is not None and abs(float(t[-1]) - float(lo)) > RANGE_RTOL * float(lo)
+    if bad_hi or bad_lo:
         raise ScheduleError(f"{where} spans σ ∈ [{float(t[-1]):g}, {float(t[0]):g}]{made_for}, but the model's "
-                            f"σ range is [{lo:g}, {hi:g}]")
+                            f"σ range is [{lo if lo is not None else '?'}, {hi if hi is not None else '?'}]; "
+                            f"make a schedule for this model with `fewstep gits`")
     return t
-
-
-def schedule_for_bench(search: GitsSearch, num_steps: int, gamma: float = DEFAULT_GAMMA,
-                       afs: bool = False) -> torch.Tensor:
-    return search.schedule(num_steps, gamma, afs)[0]
 
 
 def nfe_to_num_steps(solver: str, nfe: int, afs: bool = False, **options: Any) -> int:

@@ -6,6 +6,7 @@ Every schedule is returned as a 1-D float64 tensor of N points (`num_steps` coun
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,8 +130,8 @@ def discrete(num_steps: int, sigma_min: float, sigma_max: float, model: object) 
             f"[{sigma_min:g}, {sigma_max:g}] lies outside the model's σ table [{table[0]:g}, {table[-1]:g}]"
         )
     ts = torch.linspace(
-        float(sigma_to_timestep(torch.tensor(sigma_max), table)),
-        float(sigma_to_timestep(torch.tensor(sigma_min), table)),
+        float(sigma_to_timestep(torch.tensor(sigma_max, dtype=torch.float64), table)),
+        float(sigma_to_timestep(torch.tensor(sigma_min, dtype=torch.float64), table)),
         num_steps,
         dtype=torch.float64,
     )
@@ -143,7 +144,29 @@ _SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "time_uniform": time_uniform,
     "discrete": discrete,
 }
-SCHEDULE_NAMES = (*_SCHEDULES, "custom")
+
+
+def _gits(num_steps: int | None, sigma_min: float, sigma_max: float, path: str | None, model: object) -> torch.Tensor:
+    """A GITS schedule file (made by `fewstep gits`), checked against num_steps and the (model's) σ range."""
+    from .gits import load_schedule
+
+    if not path:
+        raise ScheduleError("the 'gits' schedule needs its file: path=FILE or 'gits:FILE' (made by `fewstep gits`)")
+    return load_schedule(path, num_steps, sigma_min, sigma_max, model=model)
+
+
+def _ays(num_steps: int | None, sigma_min: float, sigma_max: float, table: str | None, model: object) -> torch.Tensor:
+    """An Align-Your-Steps table ('sd15', 'sdxl', or the model's `ays_table`) log-linearly interpolated."""
+    from .ays import ays
+
+    if num_steps is None:
+        raise ScheduleError("schedule 'ays' needs num_steps")
+    _check_range(num_steps, sigma_min, sigma_max)
+    return check_schedule(ays(num_steps, sigma_min, sigma_max, model, table), "ays schedule")
+
+
+_ARG_SCHEDULES = {"gits": _gits, "ays": _ays}  # schedules taking an argument: 'gits:FILE', 'ays:TABLE'
+SCHEDULE_NAMES = (*_SCHEDULES, "custom", *_ARG_SCHEDULES)
 DEFAULT_RHO = {"polynomial": 7.0, "time_uniform": 1.0}
 
 
@@ -156,12 +179,24 @@ def get_schedule(
     *,
     sigmas: Sequence[float] | torch.Tensor | None = None,
     model: object | None = None,
+    path: str | os.PathLike | None = None,
+    table: str | None = None,
 ) -> torch.Tensor:
     """Build a named schedule of `num_steps` points from σ_max down to σ_min (float64, strictly decreasing).
 
     `rho` applies to `polynomial` (default 7) and `time_uniform` (default 1); `custom` takes `sigmas`;
-    `discrete` takes a `model` exposing `sigma_table`.
+    `discrete` takes a `model` exposing `sigma_table`. `gits` reads a schedule file (`path`, or the name
+    'gits:FILE'; made by `fewstep gits`), checked against num_steps and [sigma_min, sigma_max] (or the `model`'s
+    range); `ays` interpolates an Align-Your-Steps table (`table`, or the name 'ays:sd15' / 'ays:sdxl', or the
+    `model`'s `ays_table`) to num_steps points.
     """
+    name, _, arg = str(name).partition(":")
+    if name in _ARG_SCHEDULES:
+        if rho is not None:
+            raise ScheduleError(f"schedule {name!r} takes no rho")
+        return _ARG_SCHEDULES[name](num_steps, float(sigma_min), float(sigma_max), arg or path or table, model)
+    if arg:
+        raise ScheduleError(f"schedule {name!r} takes no ':' argument (only 'gits:FILE' and 'ays:TABLE' do)")
     if name == "custom":
         if sigmas is None:
             raise ScheduleError("the 'custom' schedule needs `sigmas=` (a strictly decreasing list)")

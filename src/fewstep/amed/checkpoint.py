@@ -48,6 +48,7 @@ class SamplingSettings:
     teacher: str
     M: int
     guidance: float | None = None
+    sigmas: list[float] | None = None  # the exact student grid (so gits:FILE need not exist at sampling time)
     predictor: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +66,8 @@ class SamplingSettings:
         return f"AMED-Plugin[{self.student}{'(' + opts + ')' if opts else ''}]"
 
     def schedule_tensor(self) -> torch.Tensor:
+        if self.sigmas is not None:
+            return get_schedule("custom", self.num_steps, sigmas=self.sigmas)
         return get_schedule(self.schedule, self.num_steps, self.sigma_min, self.sigma_max, rho=self.rho)
 
     def check_model(self, model: ModelInfo) -> None:

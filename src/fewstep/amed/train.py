@@ -76,10 +76,24 @@ def _detached(hist: list[Node]) -> list[Node]:
     return [Node(n.sigma.detach(), n.x.detach(), n.denoised.detach(), n.features) for n in hist]
 
 
+def student_schedule(model: ModelInfo, cfg: TrainConfig) -> torch.Tensor:
+    return get_schedule(cfg.schedule, cfg.num_steps, model.sigma_min, model.sigma_max, rho=cfg.rho, model=model)
+
+
+def teacher_schedule(model: ModelInfo, cfg: TrainConfig) -> torch.Tensor:
+    """The student's grid with M points inserted per interval: the same family with (M+1)(N−1)+1 points, or,
+    for file/table schedules (gits:FILE, ays:TABLE, discrete), points uniform in σ^{1/7} inside each interval."""
+    if cfg.schedule in ("polynomial", "logsnr", "time_uniform"):
+        return get_schedule(cfg.schedule, (cfg.M + 1) * (cfg.num_steps - 1) + 1, model.sigma_min, model.sigma_max,
+                            rho=cfg.rho)
+    from ..gits import refine_schedule
+
+    return refine_schedule(student_schedule(model, cfg), cfg.M)
+
+
 def teacher_states(model: ModelInfo, noise: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """The teacher's states at the student's grid points: [N, B, …]."""
-    fine = get_schedule(cfg.schedule, (cfg.M + 1) * (cfg.num_steps - 1) + 1, model.sigma_min, model.sigma_max,
-                        rho=cfg.rho)
+    fine = teacher_schedule(model, cfg)
     with torch.no_grad():
         traj = sample(model.denoiser, noise, cfg.teacher, fine, return_trajectory=True, **cfg.teacher_options)
     return traj[:: cfg.M + 1]
@@ -136,7 +150,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    sigmas = get_schedule(cfg.schedule, cfg.num_steps, model.sigma_min, model.sigma_max, rho=cfg.rho)
+    sigmas = student_schedule(model, cfg)
     predictor = AMEDPredictor(cfg.scale_dir, cfg.scale_time)
     opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
     start_it, history = 0, []
@@ -178,7 +192,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
         model=model.name, model_shape=list(model.shape), num_steps=cfg.num_steps, student=cfg.student,
         student_options=dict(cfg.student_options), schedule=cfg.schedule, rho=cfg.rho,
         sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
-        scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M,
+        scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M, sigmas=sigmas.tolist(),
         training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"}},
     )
     if out is not None:

@@ -47,6 +47,8 @@ class SolverSpec:
         get_solver(name, **options)  # validate the options now, not halfway through a benchmark
         default_sched, default_rho = RECOMMENDED_SCHEDULE[name]
         sched_name, _, rho = sched.partition(":")
+        if sched_name in ("gits", "ays"):  # 'gits' (searched per NFE for the model), 'gits:FILE', 'ays:TABLE'
+            return cls(name, options, sched, None)
         if rho:
             return cls(name, options, sched_name or default_sched, float(rho))
         if sched_name in ("", default_sched):
@@ -100,7 +102,7 @@ def run_bench(
         steps = num_steps_for_nfe(spec.solver, target, afs=afs, **spec.options)
         if steps is None:
             continue
-        sched = get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho)
+        sched = bench_schedule(spec, steps, model, afs)
         start = time.perf_counter()
         x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
         records.append({
@@ -118,6 +120,49 @@ def run_bench(
             **(extra_metrics(x) if extra_metrics else {}),
         })
     return records
+
+
+_GITS_SEARCHES: dict[str, Any] = {}  # model name → GitsSearch: one warm-up per model and process
+
+
+def bench_schedule(spec: SolverSpec, steps: int, model: ModelInfo, afs: bool = False) -> Any:
+    """The schedule of a bench cell: `gits` is searched for the model (default settings, once per process) and
+    cut to `steps` points by the DP for this solver and AFS setting; every other name goes to `get_schedule`."""
+    if spec.schedule == "gits":
+        from ..gits import GitsSearch
+
+        search = _GITS_SEARCHES.get(model.name)
+        if search is None:
+            search = _GITS_SEARCHES[model.name] = GitsSearch.run(model, progress=False)
+        return search.schedule(steps, afs=afs, solver=spec.solver, solver_options=spec.options)[0]
+    return get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho, model=model)
+
+
+def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> list[SolverSpec]:
+    """Every solver spec on every schedule: 'polynomial', 'logsnr', 'time_uniform', 'name:rho', 'gits' (searched
+    per NFE), 'gits:FILE', 'ays:TABLE' — the solver × schedule × NFE grid of `fewstep bench --schedules`."""
+    from ..schedules import DEFAULT_RHO, SCHEDULE_NAMES
+
+    out: list[SolverSpec] = []
+    for text in (s.strip() for s in schedules):
+        if not text:
+            continue
+        name, _, arg = text.partition(":")
+        if name not in SCHEDULE_NAMES or name == "custom":
+            raise SolverError(f"unknown bench schedule {text!r}; use polynomial, logsnr, time_uniform, discrete "
+                              "(optionally name:rho), gits, gits:FILE or ays:TABLE")
+        for spec in specs:
+            if name in ("gits", "ays"):
+                new = SolverSpec(spec.solver, dict(spec.options), text, None)
+            else:
+                try:
+                    rho = float(arg) if arg else DEFAULT_RHO.get(name)
+                except ValueError:
+                    raise SolverError(f"bad rho in bench schedule {text!r}: use name:number") from None
+                new = SolverSpec(spec.solver, dict(spec.options), name, rho)
+            if new not in out:
+                out.append(new)
+    return out
 
 
 def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],

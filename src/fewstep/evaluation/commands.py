@@ -154,6 +154,7 @@ def bench_report(args: argparse.Namespace, records: Sequence[dict[str, Any]], nf
 
 def add_commands(sub: Any) -> None:
     """Add `fid` (with `ref` and `calc`) and `analyze` to the `fewstep` sub-parsers."""
+    from ..cli import MODEL_HELP, model_arg
     from ..models import BUILTIN_MODELS
 
     p = sub.add_parser("fid", help="FID-style scores: reference statistics and Fréchet distance / KID",
@@ -185,7 +186,8 @@ def add_commands(sub: Any) -> None:
                                    "with k = 1…4 components at every step, the cumulative explained variance, the "
                                    "distance from the straight line x_T → x_end and the angle between d and "
                                    "x − x_end (SPEC §7). Writes summary.json, per_trajectory.npz and PNG plots.")
-    a.add_argument("--model", default="digits-opt", choices=list(BUILTIN_MODELS), help="built-in model")
+    a.add_argument("--model", default="digits-opt", type=model_arg,
+                   help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + "; default digits-opt")
     a.add_argument("--solver", default="heun", help="solver (default heun)")
     a.add_argument("--num-steps", type=int, default=41, help="grid points N (default 41: 40 Heun steps)")
     a.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")

@@ -4,8 +4,8 @@
 D(x, σ) (SPEC §2, discrete VP models):
 
 * σ_k = √((1 − ᾱ_k)/ᾱ_k); the network sees x_vp = x/√(1 + σ²) and the timestep of σ found by interpolating
-  log σ over the table (`timestep_type="fractional"`) or that timestep rounded (`"snapped"`, diffusers' choice
-  for Karras σ's: the σ itself is kept for the input scaling and the conversion below).
+  log σ over the table (fractional, the default) or that timestep rounded (`snap_timesteps=True`, diffusers'
+  choice for Karras σ's: the σ itself is kept for the input scaling and the conversion below).
 * ε-prediction: D = x − σ·ε̂; v-prediction: D = α·x_vp − s·v̂ (α = 1/√(1+σ²), s = σα); `sample`: D = x̂₀.
   A network with 2C output channels (learned variance) is read through its first C channels.
 * Classifier-free guidance in one doubled batch [uncond; cond] with ε = ε_u + w(ε_c − ε_u) computed in the
@@ -39,8 +39,9 @@ D(x, σ) (SPEC §2, discrete VP models):
 * **AFS** (analytical first step) works: the first direction is analytic, so the pipeline's first network call
   already happens at the solver's second evaluation point and `timesteps` is one shorter (NFE − 1). Before the
   first `step()` the batch size is unknown (the pipeline may have doubled the latents for guidance), so the
-  first model input is computed row by row from the latents handed to `scale_model_input` (the first step from
-  an analytic node is row-wise), and the real run starts from the latents `step()` receives.
+  first model input is computed from the latents handed to `scale_model_input`, split into their identical
+  guidance copies (the first step from an analytic node is row-wise, so any split gives the same rows), and
+  the run proper starts from the latents `step()` receives.
 * **AMED-Plugin** (`predictor=` an `AMEDPredictor` or a checkpoint folder, `unet=pipe.unet`): the predictor reads
   the real `mid_block` output of the call at t_n (a forward hook on `unet.mid_block`, rows of the conditional
   branch when the batch is doubled for guidance, i.e. the same features as `DiffusersDenoiser.bottleneck`). Its
@@ -57,7 +58,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,18 +66,17 @@ from torch import nn
 try:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.configuration_utils import ConfigMixin, register_to_config
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 except ImportError as e:  # pragma: no cover - the optional extra is missing
     raise ImportError("fewstep.integrations.diffusers needs diffusers: pip install 'fewstep[diffusers]'") from e
 
 from ..amed.features import generic_features, reduce_to_features
 from ..errors import ModelError, SolverError
-from ..schedules import check_schedule, get_schedule, sigma_to_timestep, timestep_to_sigma
+from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, sigma_to_timestep, timestep_to_sigma
 from ..solvers import RECOMMENDED_SCHEDULE, Evaluator, Node, _solver_dtype, get_solver, integrate, nfe
 from ..solvers.base import bcast
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_TYPES = ("fractional", "snapped")
 _DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
               "rescale_betas_zero_snr")
 
@@ -107,11 +107,9 @@ class VPTable:
     """The conversions between fewstep's σ-space and a discrete VP network, shared by `DiffusersDenoiser` and
     `FewstepScheduler` so that both compute bit-identical network inputs, timesteps and D."""
 
-    def __init__(self, alphas_cumprod: Any, prediction_type: str = "epsilon", timestep_type: str = "fractional"):
+    def __init__(self, alphas_cumprod: Any, prediction_type: str = "epsilon", snap_timesteps: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"prediction_type {prediction_type!r} not in {list(PREDICTION_TYPES)}")
-        if timestep_type not in TIMESTEP_TYPES:
-            raise ModelError(f"timestep_type {timestep_type!r} not in {list(TIMESTEP_TYPES)}")
         ac = _alphas_cumprod(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1).clone()
         if ac.numel() < 2 or not torch.isfinite(ac).all() or (ac < 0).any() or (ac >= 1).any():
             raise ModelError("alphas_cumprod must hold at least 2 values in [0, 1)")
@@ -122,7 +120,7 @@ class VPTable:
             raise ModelError("alphas_cumprod must be strictly decreasing (σ table strictly increasing)")
         self.sigma_table = table
         self.prediction_type = prediction_type
-        self.timestep_type = timestep_type
+        self.snap_timesteps = bool(snap_timesteps)
 
     @property
     def sigma_min(self) -> float:
@@ -135,7 +133,7 @@ class VPTable:
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         """Model timesteps (float32, on σ's device) of σ: fractional by log-σ interpolation, or rounded."""
         t = sigma_to_timestep(sigma.detach().to("cpu", torch.float64), self.sigma_table)
-        if self.timestep_type == "snapped":
+        if self.snap_timesteps:
             t = t.round()
         return t.to(device=sigma.device, dtype=torch.float32)
 
@@ -189,14 +187,14 @@ class DiffusersDenoiser:
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Any, *, prediction_type: str | None = None,
-                 timestep_type: str = "fractional", encoder_hidden_states: torch.Tensor | None = None,
+                 snap_timesteps: bool = False, encoder_hidden_states: torch.Tensor | None = None,
                  negative_encoder_hidden_states: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  class_labels: torch.Tensor | None = None, unet_kwargs: dict[str, Any] | None = None):
         if prediction_type is None:
             cfg = getattr(alphas_cumprod, "config", alphas_cumprod)
             prediction_type = cfg.get("prediction_type", "epsilon") if hasattr(cfg, "get") else "epsilon"
         self.unet = unet
-        self.table = VPTable(alphas_cumprod, prediction_type, timestep_type)
+        self.table = VPTable(alphas_cumprod, prediction_type, snap_timesteps)
         if isinstance(unet, UNet2DConditionModel) and encoder_hidden_states is None:
             raise ModelError("a UNet2DConditionModel needs encoder_hidden_states (the prompt embeddings)")
         if negative_encoder_hidden_states is not None and encoder_hidden_states is None:
@@ -316,13 +314,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     pipeline's ᾱ table and prediction type. Options: `solver`, `solver_options` (the solver's own, see
     `fewstep solvers`), `schedule` (a fewstep schedule name; default the solver's recommended one) and `rho`,
     `sigma_min`/`sigma_max` (default: the model's table range), `afs`, `final_sigmas_type` ("zero": a final
-    D(x, σ_min), or "sigma_min"), `timestep_type` ("fractional" or "snapped"), `thresholding` with
+    D(x, σ_min), or "sigma_min"), `snap_timesteps` (round the network's timesteps), `thresholding` with
     `dynamic_thresholding_ratio`. Runtime-only (not saved in the config): `predictor` (an `AMEDPredictor`, or an
     AMED checkpoint folder whose stored solver, options, schedule, σ range and AFS then apply) and `unet`
     (required with a predictor: the pipeline's unet).
     """
 
-    ignore_for_config = ["predictor", "unet"]
+    ignore_for_config: ClassVar[list[str]] = ["predictor", "unet"]
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]  # configs with an ᾱ table
     order = 1
 
     @register_to_config
@@ -343,7 +342,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         sigma_max: float | None = None,
         afs: bool = False,
         final_sigmas_type: str = "zero",
-        timestep_type: str = "fractional",
+        snap_timesteps: bool = False,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         predictor: Any = None,
@@ -352,37 +351,54 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise SolverError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
-        self._table = VPTable(self.alphas_cumprod, prediction_type, timestep_type)
-        self.predictor = None
-        if predictor is not None:
-            self.predictor = self._load_predictor(predictor)
-        self.unet = unet
-        if self.predictor is not None and unet is None:
-            raise SolverError("AMED-Plugin inside a pipeline needs unet=pipe.unet: its mid_block output feeds the "
-                              "predictor, and the learned per-sample times are passed to it")
-        self._solver_options = dict(self.config.solver_options or {})
-        self._algo = get_solver(self.config.solver, **self._solver_options)
-        self.order = self._order()
+        self._table = VPTable(self.alphas_cumprod, prediction_type, snap_timesteps)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
         self.sigmas: torch.Tensor | None = None
         self._grid: torch.Tensor | None = None
         self._hooks: list[Any] = []
-        self._reset()
+        self._checkpoint_steps: int | None = None
+        self.attach(predictor, unet)
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' `from_config`, also accepting the runtime-only `predictor=` and `unet=`."""
+        runtime = {k: kwargs.pop(k) for k in cls.ignore_for_config if k in kwargs}
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = out[0] if isinstance(out, tuple) else out
+        if runtime:
+            scheduler.attach(**runtime)
+        return out
 
     # -------------------------------------------------------------------------------------------- setup
 
-    def _load_predictor(self, predictor: Any) -> nn.Module:
-        if isinstance(predictor, (str, Path)):
-            from ..amed.checkpoint import load_checkpoint
+    def attach(self, predictor: Any = None, unet: nn.Module | None = None) -> FewstepScheduler:
+        """Set (or clear) the AMED predictor and the pipeline's unet; validates the solver configuration."""
+        self.predictor = None
+        if predictor is not None:
+            if isinstance(predictor, (str, Path)):
+                from ..amed.checkpoint import load_checkpoint
 
-            predictor, s = load_checkpoint(predictor)
-            self.register_to_config(solver=s.student, solver_options=dict(s.student_options), schedule=s.schedule,
-                                    rho=s.rho, sigma_min=s.sigma_min, sigma_max=s.sigma_max, afs=s.afs)
-            self._checkpoint_steps = s.num_steps
-        if not callable(getattr(predictor, "control", None)):
-            raise SolverError(f"predictor must be an AMEDPredictor or a checkpoint folder, got {type(predictor).__name__}")
-        return predictor
+                predictor, st = load_checkpoint(predictor)
+                self.register_to_config(solver=st.student, solver_options=dict(st.student_options),
+                                        schedule=st.schedule, rho=st.rho, sigma_min=st.sigma_min,
+                                        sigma_max=st.sigma_max, afs=st.afs)
+                self._checkpoint_steps = st.num_steps
+            if not callable(getattr(predictor, "control", None)):
+                raise SolverError("predictor must be an AMEDPredictor or an AMED checkpoint folder, got "
+                                  f"{type(predictor).__name__}")
+            if unet is None:
+                raise SolverError("AMED-Plugin inside a pipeline needs unet=pipe.unet: its mid_block output feeds "
+                                  "the predictor, and the learned per-sample times are passed to it")
+            self.predictor = predictor
+        self.unet = unet
+        self._solver_options = dict(self.config.solver_options or {})
+        self._algo = get_solver(self.config.solver, **self._solver_options)
+        nfe(self.config.solver, 2, amed=self.predictor is not None, **self._solver_options)  # e.g. heun has no AMED
+        self.order = self._order()
+        self._grid = None
+        self._reset()
+        return self
 
     def _order(self) -> int:
         return 2 if (self.predictor is not None or self._algo.evals_per_step == 2) else 1
@@ -390,6 +406,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @property
     def sigma_table(self) -> torch.Tensor:
         return self._table.sigma_table
+
+    @property
+    def grid(self) -> torch.Tensor | None:
+        """fewstep's σ grid of the current run (float64, positive points: `sigmas` without its final 0)."""
+        return self._grid
 
     @property
     def init_noise_sigma(self) -> float:
@@ -457,10 +478,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if name is None:
                 name, rec_rho = RECOMMENDED_SCHEDULE.get(cfg.solver, ("polynomial", 7.0))
                 rho = rec_rho if rho is None else rho
+            if name not in DEFAULT_RHO:
+                rho = None  # e.g. an EDM scheduler config's rho, meaningless for logsnr / discrete
             lo = cfg.sigma_min if cfg.sigma_min is not None else self._table.sigma_min
             hi = cfg.sigma_max if cfg.sigma_max is not None else self._table.sigma_max
             grid = get_schedule(name, points, lo, hi, rho=rho, model=self._table)
-        ckpt_steps = getattr(self, "_checkpoint_steps", None)
+        ckpt_steps = self._checkpoint_steps
         if ckpt_steps is not None and ckpt_steps != len(grid):
             warnings.warn(f"the AMED predictor was trained for {ckpt_steps} grid points; this run uses {len(grid)}",
                           stacklevel=2)
@@ -479,7 +502,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                        **self._solver_options)
         assert len(asked) == expected, f"internal: {len(asked)} evaluations, nfe() says {expected}"
         ts = self._table.timesteps(torch.cat(asked))
-        if cfg.timestep_type == "snapped":
+        if cfg.snap_timesteps:
             ts = ts.long()
         self.timesteps = ts.to(device)
         self.sigmas = torch.cat([grid, grid.new_zeros(int(dtz))]).to(device=device, dtype=torch.float32)
@@ -541,10 +564,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network input x_vp = x/√(1+σ²) of the pending evaluation, repeated to `sample`'s rows (guidance)."""
         self._check_ready()
-        if self._pending is None:  # before the first step(): the batch size is not known yet; row-wise start
+        if self._pending is None:  # before the first step(): the batch size is not known yet
             x_T = sample.detach().to(_solver_dtype(sample))
-            req = self._next(x_T)
-            rows_x, rows_s = req.x, req.s_arg
+            rows = x_T.shape[0]  # guess the guidance copies (exactness only: the first step is row-wise anyway)
+            b = next((c for c in range(1, rows) if rows % c == 0
+                      and torch.equal(x_T, torch.cat([x_T[:c]] * (rows // c)))), rows)
+            req = self._next(x_T[:b])
+            rows_x, rows_s = torch.cat([req.x] * (rows // b)), torch.cat([req.s_arg] * (rows // b))
         else:
             req = self._pending
             b = req.x.shape[0]
@@ -579,7 +605,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if self.unet is not None and getattr(self.unet, "mid_block", None) is not None:
                 if captured is None or captured.shape[0] % b:
                     raise SolverError("the unet's mid_block produced no output of the expected batch during this step")
-                features = lambda x, d: reduce_to_features(captured[-b:])  # noqa: E731 (conditional rows)
+                features = lambda x, d: reduce_to_features(captured[-b:])
             else:
                 features = generic_features
         out = model_output

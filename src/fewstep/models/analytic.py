@@ -41,9 +41,9 @@ class GaussianMixture:
             stds = stds[:, None].expand(k, dim)
         if stds.numel() != k * dim:
             raise ValueError(f"stds must be a scalar, [K] or [K, *shape]; got shape {tuple(stds.shape)}")
-        self.vars = stds.reshape(k, dim).clone() ** 2
-        if (self.vars < 0).any() or not torch.isfinite(self.vars).all():
+        if (stds < 0).any() or not torch.isfinite(stds).all():  # checked before squaring hides the sign
             raise ValueError("stds must be finite and non-negative")
+        self.vars = stds.reshape(k, dim).clone() ** 2
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
         if w.shape != (k,) or (w <= 0).any():
             raise ValueError(f"weights must be [K] = [{k}] positive numbers")

@@ -84,7 +84,91 @@ DEFAULT_MODEL = "gmm"
 
 @cache
 def load_model(name: str) -> ModelInfo:
-    """A built-in model by name (constructed once per process)."""
+    """A built-in model by name, or a user model `package.module:factory` (or `path/file.py:factory`);
+    constructed once per process."""
+    if ":" in name:
+        return load_factory(name)
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}, "
+                         "or package.module:factory")
     return BUILTIN_MODELS[name]()
+
+
+def load_factory(spec: str) -> ModelInfo:
+    """Import `package.module` (or the file `path/file.py`) and call its `factory()`.
+
+    The factory returns a ModelInfo; or a dict with `denoiser` and `shape` (optional: sigma_min, sigma_max,
+    bottleneck, description, name); or a denoiser callable D(x, σ) exposing `shape` (and optionally `sigma_min`,
+    `sigma_max`, `bottleneck`) as attributes. A non-callable attribute holding one of these is used as is.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ModelError(f"--model {spec!r}: expected package.module:factory")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ModelError(f"--model {spec!r}: file {path} not found")
+            mod_spec = importlib.util.spec_from_file_location(f"fewstep_user_model_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ModelError(f"--model {spec!r}: cannot import {module_name!r} ({e}); is it installed or on "
+                         "PYTHONPATH? A file works too: path/to/file.py:factory") from e
+    if not hasattr(module, attr):
+        raise ModelError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    if not isinstance(obj, (ModelInfo, dict)):
+        if not callable(obj):
+            raise ModelError(f"--model {spec!r}: {attr!r} is a {type(obj).__name__}, not a factory")
+        try:
+            obj = obj()
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"--model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
+    return _as_model_info(spec, obj)
+
+
+def _as_model_info(spec: str, obj: object) -> ModelInfo:
+    where = f"--model {spec!r}"
+    if isinstance(obj, ModelInfo):
+        info = obj
+    elif isinstance(obj, dict):
+        unknown = set(obj) - {"denoiser", "shape", "sigma_min", "sigma_max", "bottleneck", "description", "name"}
+        if unknown or "denoiser" not in obj or "shape" not in obj:
+            raise ModelError(f"{where}: the factory's dict needs 'denoiser' and 'shape' (optional: sigma_min, "
+                             f"sigma_max, bottleneck, description, name); got keys {sorted(obj)}")
+        info = ModelInfo(obj.get("name", spec), obj["denoiser"], obj["shape"], obj.get("sigma_min", 0.002),
+                         obj.get("sigma_max", 80.0), obj.get("description", ""), bottleneck=obj.get("bottleneck"))
+    elif callable(obj):
+        if getattr(obj, "shape", None) is None:
+            raise ModelError(f"{where}: the factory returned a denoiser without a `shape` attribute; return a "
+                             "ModelInfo or a dict with 'denoiser' and 'shape' instead")
+        info = ModelInfo(spec, obj, obj.shape, getattr(obj, "sigma_min", 0.002), getattr(obj, "sigma_max", 80.0),
+                         getattr(obj, "description", ""), bottleneck=getattr(obj, "bottleneck", None))
+    else:
+        raise ModelError(f"{where}: the factory returned {type(obj).__name__}; expected a ModelInfo, a dict or a "
+                         "denoiser callable")
+    if not callable(info.denoiser):
+        raise ModelError(f"{where}: the denoiser is not callable")
+    try:
+        info.shape = tuple(int(v) for v in info.shape)
+        info.sigma_min, info.sigma_max = float(info.sigma_min), float(info.sigma_max)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{where}: shape must be a tuple of ints and the sigma range numbers ({e})") from e
+    if not info.shape or min(info.shape) < 1:
+        raise ModelError(f"{where}: shape must be positive integers, got {info.shape}")
+    if not (0 < info.sigma_min < info.sigma_max < float("inf")):
+        raise ModelError(f"{where}: need 0 < sigma_min < sigma_max < inf, got {info.sigma_min}, {info.sigma_max}")
+    if info.bottleneck is not None and not isinstance(info.bottleneck, torch.nn.Module):
+        raise ModelError(f"{where}: bottleneck must be a torch.nn.Module, got {type(info.bottleneck).__name__}")
+    return info

@@ -190,7 +190,7 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
         with torch.no_grad():
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - beta)
-        run_loss += float(loss)
+        run_loss += float(loss.detach())
         run_n += 1
         done = it + 1
         if done % log_every == 0 or done == end_it:

@@ -1,0 +1,117 @@
+"""fewstep's solvers with k-diffusion's sampler convention (k-diffusion loops, ComfyUI's KSAMPLER, …).
+
+Every registered solver NAME has `sample_NAME(model, x, sigmas, extra_args=None, callback=None, disable=None,
+**options)`, exactly like `k_diffusion.sampling.sample_*`:
+
+* `model(x, sigma * s_in, **extra_args)` returns the denoised D(x, σ) (a k-diffusion / ComfyUI model wrapper);
+  σ is a [B] tensor in x's dtype;
+* `x` is already scaled to σ_0 (x = σ_0·noise): fewstep does not rescale it;
+* `sigmas` is the decreasing grid; a trailing σ = 0 is handled like k-diffusion's Euler/Heun/DPM-Solver++ handle
+  it: the step to 0 returns D(x, σ_last) (fewstep's `denoise_to_zero` on the grid without the 0). A grid without
+  a trailing zero ends at its last positive σ. (k-diffusion's LMS instead extrapolates its polynomial to σ = 0.)
+* `callback({'x', 'i', 'sigma', 'sigma_hat', 'denoised'})` once per step, at the start of step i with the node
+  evaluated there (sigma_hat = sigma: these are ODE solvers, no churn); with a trailing zero the last call
+  carries D(x, σ_last). For UniPC, 'x' is the state at which D was evaluated (before its corrector).
+* `disable` switches the progress bar off (None: on at a terminal).
+
+`options` are the solver's own (`fewstep solvers` lists them, e.g. `max_order=3`) plus fewstep's `afs=True`,
+`thresholding=True` / `threshold_ratio`, and `predictor=` (an AMEDPredictor: the AMED-Plugin of that solver; for
+`sample_amed`, AMED-Solver) with `bottleneck=` (the network module whose output feeds the predictor; without
+one the predictor reads the denoised estimate). The result is returned in x's dtype; the arithmetic runs in
+float32 at least.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..amed.features import feature_source
+from ..schedules import check_schedule
+from ..solvers import SOLVERS, Evaluator, _solver_dtype, get_solver, integrate
+
+_DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio", "predictor", "bottleneck")
+
+
+def run_solver(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+               extra_args: dict[str, Any] | None = None, callback: Callable[[dict[str, Any]], Any] | None = None,
+               disable: bool | None = None, **options: Any) -> torch.Tensor:
+    """Run fewstep solver `solver` with k-diffusion's calling convention (see the module docstring)."""
+    extra_args = {} if extra_args is None else extra_args
+    driver = {k: options.pop(k) for k in _DRIVER_OPTIONS if k in options}
+    algo = get_solver(solver, **options)
+    user_sigmas = sigmas
+    grid = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+    denoise_to_zero = bool(grid.numel() >= 2 and grid[-1] == 0)
+    if denoise_to_zero:
+        grid = grid[:-1]
+    if not (denoise_to_zero and grid.numel() == 1):  # [σ, 0] is a single denoising call
+        grid = check_schedule(grid, "sigmas")
+    predictor = driver.get("predictor")
+    threshold = driver.get("threshold_ratio", 0.995) if driver.get("thresholding", False) else None
+    progress = disable is False or (disable is None and sys.stderr.isatty())
+
+    def denoiser(x_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model(x_, sigma, **extra_args)
+
+    step = [0]
+
+    def controller(node, t_cur, t_next):  # called at the start of every interval: k-diffusion's callback point
+        if callback is not None:
+            i = step[0]
+            callback({"x": node.x, "i": i, "sigma": user_sigmas[i], "sigma_hat": user_sigmas[i],
+                      "denoised": node.denoised})
+        step[0] += 1
+        return predictor.control(node, t_cur, t_next) if predictor is not None else None
+
+    state = x.to(_solver_dtype(x))
+    with feature_source(driver.get("bottleneck")) as features, torch.no_grad():
+        ev = Evaluator(denoiser, threshold, features=features if predictor is not None else None)
+        if len(grid) > 1:
+            state = integrate(algo, ev, state, grid, afs=driver.get("afs", False), progress=progress,
+                              controller=controller)
+        if denoise_to_zero:
+            ev.features = None
+            last = len(grid) - 1
+            node = ev(state, grid[-1:], last)
+            if callback is not None:
+                callback({"x": state, "i": last, "sigma": user_sigmas[last], "sigma_hat": user_sigmas[last],
+                          "denoised": node.denoised})
+            state = node.denoised
+    return state.to(x.dtype)
+
+
+def _make(name: str) -> Callable[..., torch.Tensor]:
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return run_solver(name, model, x, sigmas, extra_args, callback, disable, **options)
+
+    cls = SOLVERS[name]
+    opts = ", ".join(f"{k}={o.default!r}" for k, o in cls.options.items()) or "none"
+    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+    sampler.__doc__ = (f"fewstep's `{name}` ({cls.summary}) with k-diffusion's sampler signature.\n\n"
+                       f"Solver options (defaults): {opts}; plus afs, thresholding, threshold_ratio, predictor, "
+                       f"bottleneck. See `fewstep.integrations.kdiffusion`.")
+    sampler.__module__ = __name__
+    return sampler
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {}
+for _name in SOLVERS:
+    SAMPLERS[_name] = globals()[f"sample_{_name}"] = _make(_name)
+
+
+def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, predictor=None, solver="amed",
+                **options):
+    """AMED with k-diffusion's sampler signature: AMED-Solver (`solver="amed"`, r = ½ without a predictor) or,
+    with another `solver`, the AMED-Plugin of that solver. `predictor` is a trained AMEDPredictor
+    (`fewstep.amed.checkpoint.load_checkpoint(path)[0]`); give `bottleneck=` when it was trained on a network's
+    bottleneck features."""
+    return run_solver(solver, model, x, sigmas, extra_args, callback, disable, predictor=predictor, **options)
+
+
+SAMPLERS["amed"] = sample_amed
+
+__all__ = ["SAMPLERS", "run_solver", "sample_amed"] + [f"sample_{n}" for n in SOLVERS if n != "amed"]
