@@ -298,6 +298,18 @@ def test_shipped_reference_statistics():
         pytest.skip(str(e))
     assert ref.feature_name == "digits" and ref.n == 1438 and ref.kid_features.shape[0] == 1438
     assert np.isfinite(ref.sigma).all() and np.allclose(ref.sigma, ref.sigma.T)
+    # made with the shipped classifier's exact weights (a retrained classifier needs make_reference_stats())
+    from fewstep.evaluation.fid import check_network
+
+    check_network(ref, _digits_network())
+
+
+def test_statistics_of_other_network_weights_are_refused():
+    net = _digits_network()
+    ref = FeatureStats(reservoir=0).update(np.random.default_rng(0).normal(size=(20, net.dim)))
+    ref.feature_name, ref.meta["network"] = "digits", "0123456789abcdef"
+    with pytest.raises(FeatureNetworkError, match="other 'digits' network weights"):
+        fid_score(torch.zeros(4, 1, 16, 16), ref)
 
 
 # ----------------------------------------------------------------------------------------- Inception (extra)
@@ -324,7 +336,6 @@ def test_inception_features_match_the_library(inception_weights):
 
     from fewstep.metrics import InceptionFeatures
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     feats = InceptionFeatures(weights=inception_weights)
     assert feats.path == inception_weights
     g = torch.Generator().manual_seed(0)
@@ -340,8 +351,8 @@ def test_inception_features_match_the_library(inception_weights):
 
 
 def test_inception_weights_from_env_and_hub_cache(inception_weights, tmp_path, monkeypatch):
-    from fewstep.metrics import INCEPTION_WEIGHTS_ENV, InceptionFeatures
     from fewstep.evaluation.fid import _inception_file_name
+    from fewstep.metrics import INCEPTION_WEIGHTS_ENV, InceptionFeatures
 
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(inception_weights))
     assert InceptionFeatures().path == inception_weights

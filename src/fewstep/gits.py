@@ -306,6 +306,16 @@ class GitsSearch:
         }
 
 
+_SEARCHES: dict[str, GitsSearch] = {}
+
+
+def cached_search(model: Any) -> GitsSearch:
+    """The default-settings GitsSearch of a model, run once per process (bench cells and AMED training share it)."""
+    if model.name not in _SEARCHES:
+        _SEARCHES[model.name] = GitsSearch.run(model, progress=False)
+    return _SEARCHES[model.name]
+
+
 def gits_schedule(model: Any, num_steps: int, gamma: float = DEFAULT_GAMMA, afs: bool = False,
                   afs_mode: str = "insert", solver: str = "ipndm", solver_options: dict[str, Any] | None = None,
                   **search: Any) -> tuple[torch.Tensor, dict[str, Any]]:

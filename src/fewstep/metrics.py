@@ -20,6 +20,7 @@ from .evaluation.fid import (
     FeatureStats,
     InceptionFeatures,
     bench_fd_metric,
+    check_network,
     compute_stats,
     fid_score,
     frechet_distance,
@@ -30,6 +31,7 @@ from .evaluation.fid import (
     list_images,
     make_reference_stats,
     model_feature_network,
+    network_fingerprint,
     quantize,
     reference_stats,
     resize,
@@ -40,8 +42,8 @@ from .evaluation.fid import (
 __all__ = [
     "BUILTIN_IMAGE_SETS", "DEFAULT_KID_SUBSET", "DEFAULT_KID_SUBSETS", "FEATURE_NETWORKS", "INCEPTION_WEIGHTS_ENV",
     "KID", "MODEL_FEATURES", "DigitsFeatures", "FeatureNetwork", "FeatureNetworkError", "FeatureStats",
-    "InceptionFeatures", "bench_fd_metric", "compute_stats", "fid_score", "frechet_distance", "get_feature_network",
-    "inception_weight_candidates", "iter_image_batches", "kernel_inception_distance", "list_images",
-    "make_reference_stats", "model_feature_network", "quantize", "reference_stats", "resize", "sampler_batches",
-    "undo_nearest_upscale",
+    "InceptionFeatures", "bench_fd_metric", "check_network", "compute_stats", "fid_score", "frechet_distance",
+    "get_feature_network", "inception_weight_candidates", "iter_image_batches", "kernel_inception_distance",
+    "list_images", "make_reference_stats", "model_feature_network", "network_fingerprint", "quantize",
+    "reference_stats", "resize", "sampler_batches", "undo_nearest_upscale",
 ]

@@ -3,7 +3,8 @@
 The improved recipes change three things, each measured in benchmarks/amed_bench.py: a far more accurate
 teacher (DEIS-tAB order 4 with M = 15 inserted points instead of Heun/iPNDM with M = 1–2: distilling a teacher
 that is itself 0.1 RMSE off caps the student), an end-to-end term on the final state added to the paper's
-per-interval loss, and a wider direction-scale bound s_dir = 0.1.
+per-interval loss, and a wider direction-scale bound s_dir = 0.1. The `-gits` recipes also replace the fixed
+main grid by a GITS schedule searched for the model (issue 7), which AMED then refines with its learned points.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ RECIPES: dict[str, dict[str, Any]] = {
                          afs=True, scale_dir=0.1, scale_time=0.2, loss="step+e2e", **_FINE_TEACHER),
     "plugin-deis": dict(student="deis", student_options={"max_order": 3}, schedule="time_uniform", rho=2.0,
                         afs=True, scale_dir=0.1, scale_time=0.2, loss="step+e2e", **_FINE_TEACHER),
+    # the same on a GITS schedule (searched for the model and N): the main grid learned too
+    "plugin-ipndm-gits": dict(student="ipndm", student_options={"max_order": 4}, schedule="gits", rho=None,
+                              afs=True, scale_dir=0.1, scale_time=0.2, loss="e2e", **_FINE_TEACHER),
+    "plugin-deis-gits": dict(student="deis", student_options={"max_order": 3}, schedule="gits", rho=None,
+                             afs=True, scale_dir=0.1, scale_time=0.2, loss="step+e2e", **_FINE_TEACHER),
 }
 
 

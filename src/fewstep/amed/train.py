@@ -77,6 +77,11 @@ def _detached(hist: list[Node]) -> list[Node]:
 
 
 def student_schedule(model: ModelInfo, cfg: TrainConfig) -> torch.Tensor:
+    """The student's grid; `gits` searches a GITS schedule for this model and N (default search settings)."""
+    if cfg.schedule == "gits":
+        from ..gits import cached_search
+
+        return cached_search(model).schedule(cfg.num_steps, solver=cfg.student, solver_options=cfg.student_options)[0]
     return get_schedule(cfg.schedule, cfg.num_steps, model.sigma_min, model.sigma_max, rho=cfg.rho, model=model)
 
 

@@ -122,19 +122,15 @@ def run_bench(
     return records
 
 
-_GITS_SEARCHES: dict[str, Any] = {}  # model name → GitsSearch: one warm-up per model and process
 
 
 def bench_schedule(spec: SolverSpec, steps: int, model: ModelInfo, afs: bool = False) -> Any:
     """The schedule of a bench cell: `gits` is searched for the model (default settings, once per process) and
     cut to `steps` points by the DP for this solver and AFS setting; every other name goes to `get_schedule`."""
     if spec.schedule == "gits":
-        from ..gits import GitsSearch
+        from ..gits import cached_search
 
-        search = _GITS_SEARCHES.get(model.name)
-        if search is None:
-            search = _GITS_SEARCHES[model.name] = GitsSearch.run(model, progress=False)
-        return search.schedule(steps, afs=afs, solver=spec.solver, solver_options=spec.options)[0]
+        return cached_search(model).schedule(steps, afs=afs, solver=spec.solver, solver_options=spec.options)[0]
     return get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho, model=model)
 
 

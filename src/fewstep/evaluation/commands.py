@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -163,14 +164,16 @@ def add_commands(sub: Any) -> None:
                                    "'images' (uint8 [N,H,W,C] or float in [-1,1]).")
     fs = p.add_subparsers(dest="fid_command", required=True)
     r = fs.add_parser("ref", help="compute reference statistics of a set of images")
-    r.add_argument("--images", required=True, help="folder of PNGs or .npz")
+    r.add_argument("--images", required=True,
+                   help="folder of PNGs, .npz, or a built-in set: digits-train / digits-held (16x16 digits)")
     r.add_argument("--dest", required=True, help="output statistics .npz")
     _feature_args(r, "digits")
     r.add_argument("--kid-features", type=int, default=10_000, metavar="N",
                    help="feature rows kept (uniform random subset) for KID (default 10000; 0: none)")
     r.set_defaults(func=cmd_fid_ref)
     c = fs.add_parser("calc", help="score images against reference statistics")
-    c.add_argument("--images", required=True, help="folder of PNGs or .npz")
+    c.add_argument("--images", required=True,
+                   help="folder of PNGs, .npz, or a built-in set: digits-train / digits-held (16x16 digits)")
     c.add_argument("--ref", required=True,
                    help="statistics .npz from `fewstep fid ref` (or pytorch-fid's mu/sigma), or 'digits' for the "
                         "shipped statistics of the built-in digit data")
@@ -196,7 +199,7 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--n", type=int, default=1000, help="number of trajectories (seeds first-seed…)")
     a.add_argument("--first-seed", type=int, default=0, help="first noise seed")
     a.add_argument("--batch", type=int, default=None,
-                   help="trajectories per batch (default: as many as fit a ~256 MB budget)")
+                   help="trajectories per batch (default: 64 MB of float64 trajectories, ~6x that at peak)")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -208,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fewstep.evaluation.commands", description=__doc__)
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    threads = int(os.environ.get("FEWSTEP_THREADS", "0") or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return args.func(args)
     except FewstepError as e:

@@ -107,7 +107,12 @@ class FeatureStats:
         if self.reservoir > 0:
             idx = np.arange(self.n, self.n + f.shape[0], dtype=np.uint64)
             keys = _splitmix64(idx ^ np.uint64(self.seed * 0x632BE59BD9B4E019 % 2**64))
-            self._keep(np.concatenate([self._keys, keys]), np.concatenate([self._kept, f.astype(np.float32)]))
+            rows = f
+            if len(self._keys) == self.reservoir:  # full: only rows beating the largest kept key can enter
+                take = keys < self._keys[-1]
+                keys, rows = keys[take], f[take]
+            if len(keys):
+                self._keep(np.concatenate([self._keys, keys]), np.concatenate([self._kept, rows.astype(np.float32)]))
         self.n += f.shape[0]
         return self
 
@@ -174,7 +179,7 @@ class FeatureStats:
         }
         if self.kid_features is not None:
             arrays["kid_features"] = self.kid_features
-        for key, value in meta.items():
+        for key, value in {**self.meta, **meta}.items():
             arrays[f"meta_{key}"] = np.array(str(value))
 
         def _write(tmp: str) -> None:
@@ -303,6 +308,7 @@ class DigitsFeatures:
         with torch.no_grad():
             probe = self.net.penultimate(torch.zeros(1, 1, self.resolution, self.resolution, device=self.device))
         self.dim = int(probe.reshape(1, -1).shape[1])
+        self.fingerprint = network_fingerprint(self.net)
 
     @staticmethod
     def _load(path: str | os.PathLike | None) -> Any:
@@ -330,6 +336,28 @@ class DigitsFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.penultimate(self.prepare(images)).reshape(images.shape[0], -1).float()
+
+
+def network_fingerprint(net: torch.nn.Module) -> str:
+    """A short hash of a network's weights (state dict, sorted keys): ties statistics to the exact network."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_network(ref: FeatureStats, net: Any) -> None:
+    """Refuse statistics made with other weights of the same feature network (they are incomparable)."""
+    made_with, now = ref.meta.get("network"), getattr(net, "fingerprint", None)
+    if made_with and now and made_with != now:
+        raise FeatureNetworkError(
+            f"the reference statistics were made with other {net.name!r} network weights ({made_with}) than the "
+            f"installed ones ({now}); recompute them with `fewstep fid ref`"
+            + (" (the shipped digits reference: fewstep.evaluation.fid.make_reference_stats())"
+               if net.name == "digits" else ""))
 
 
 def undo_nearest_upscale(x: torch.Tensor, min_size: int = 4) -> torch.Tensor:
@@ -413,6 +441,7 @@ class InceptionFeatures:
         except (RuntimeError, KeyError, TypeError) as e:
             raise FeatureNetworkError(f"{path} is not a pytorch-fid Inception-v3 state dict: {e}") from e
         self.path = path
+        self.fingerprint = network_fingerprint(net)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
 
@@ -573,6 +602,8 @@ def compute_stats(source: ImageSource, features: str | FeatureNetwork = "digits"
 
     net = get_feature_network(features, device, **network_kwargs) if isinstance(features, str) else features
     stats = FeatureStats(reservoir=reservoir, seed=seed, feature_name=net.name)
+    if getattr(net, "fingerprint", None):
+        stats.meta["network"] = net.fingerprint
     for x in tqdm(iter_image_batches(source, batch, quantize_floats), desc=f"features ({net.name})",
                   disable=not progress, leave=False):
         stats.update(net(x))
@@ -604,7 +635,9 @@ def fid_score(source: ImageSource, ref: FeatureStats | str | os.PathLike, featur
     if ref_stats.feature_name and name != ref_stats.feature_name:
         raise FewstepError(f"reference statistics were made with {ref_stats.feature_name!r} features, "
                            f"not {name!r}")
-    stats = compute_stats(source, name, **kwargs)
+    net = get_feature_network(name, kwargs.pop("device", "cpu"), weights=kwargs.pop("weights", None))
+    check_network(ref_stats, net)
+    stats = compute_stats(source, net, **kwargs)
     out: dict[str, Any] = {"features": name, "n": stats.n, "n_ref": ref_stats.n,
                            "fd": frechet_distance(stats, ref_stats)}
     if kid:
@@ -631,6 +664,7 @@ def bench_fd_metric(model_name: str, device: str | torch.device = "cpu",
     name = model_feature_network(model_name)
     net = get_feature_network(name, device)
     ref = reference_stats(name)
+    check_network(ref, net)
 
     def metric(x: torch.Tensor) -> dict[str, float]:
         stats = compute_stats(x, net, batch=batch, reservoir=0)
@@ -642,8 +676,8 @@ def bench_fd_metric(model_name: str, device: str | torch.device = "cpu",
 __all__ = [
     "BUILTIN_IMAGE_SETS", "DEFAULT_KID_SUBSET", "DEFAULT_KID_SUBSETS", "FEATURE_NETWORKS", "INCEPTION_WEIGHTS_ENV",
     "KID", "MODEL_FEATURES", "DigitsFeatures", "FeatureNetwork", "FeatureNetworkError", "FeatureStats",
-    "InceptionFeatures", "bench_fd_metric", "compute_stats", "fid_score", "frechet_distance", "get_feature_network",
-    "inception_weight_candidates", "iter_image_batches", "kernel_inception_distance", "list_images",
-    "make_reference_stats", "model_feature_network", "quantize", "reference_stats", "resize", "sampler_batches",
-    "undo_nearest_upscale",
+    "InceptionFeatures", "bench_fd_metric", "check_network", "compute_stats", "fid_score", "frechet_distance",
+    "get_feature_network", "inception_weight_candidates", "iter_image_batches", "kernel_inception_distance",
+    "list_images", "make_reference_stats", "model_feature_network", "network_fingerprint", "quantize",
+    "reference_stats", "resize", "sampler_batches", "undo_nearest_upscale",
 ]
