@@ -216,12 +216,13 @@ def test_every_solver_runs_on_a_gits_schedule(solver, schedule_file):
 
 
 def test_bench_schedule_grid(tmp_path, monkeypatch, schedule_file, search):
+    from fewstep import gits
     from fewstep.evaluation import bench, reference
 
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bench, "reference_solution",  # a cheap reference: this test checks the plumbing only
                         lambda model, seeds, progress=False: reference.reference_solution(model, seeds, num_steps=40))
-    monkeypatch.setitem(bench._GITS_SEARCHES, "gmm", search)  # the small search instead of a default warm-up
+    monkeypatch.setitem(gits._SEARCHES, "gmm", search)  # the small search instead of a default warm-up
     spec = SolverSpec.parse(f"ipndm@gits:{schedule_file}")
     assert spec.schedule == f"gits:{schedule_file}" and spec.rho is None
     specs = expand_schedules([SolverSpec.parse("ipndm"), SolverSpec.parse("euler")],

@@ -188,7 +188,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines `add_commands(sub)` (argparse sub-parsers action) and
 # sets `func` on its parsers; a command function returns the exit code.
-COMMAND_MODULES: tuple[str, ...] = ("fewstep.gits_cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "fewstep.gits_cli", "fewstep.evaluation.commands", "fewstep.models.train_unet",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
