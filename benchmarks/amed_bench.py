@@ -62,7 +62,8 @@ def amed_rows(model, noise, ref, nfes, kimg, out_dir, only=None):
         for nfe in nfes:
             cfg = recipe(name, nfe, kimg=kimg)
             start = time.perf_counter()
-            predictor, settings, stats = train(model, cfg, out=out_dir / f"{name}_nfe{nfe}", progress=False)
+            folder = out_dir / f"{name}_nfe{nfe}_kimg{kimg:g}"  # an identical rerun resumes: no retraining
+            predictor, settings, stats = train(model, cfg, out=folder, progress=False)
             x = sample_checkpoint(model, noise, predictor, settings)
             rows.append({"method": label, "nfe": nfe, "rmse": rmse(x, ref), "kind": "amed",
                          "train_seconds": time.perf_counter() - start, "loss_first": stats["loss_first"],

@@ -148,8 +148,8 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     for (k, v), (_, w) in zip(predictor.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(v, w), k
     assert s2 == settings
-    torch.testing.assert_close(sample_checkpoint(GMM, NOISE, loaded, s2), sample_checkpoint(GMM, NOISE, predictor, settings),
-                               rtol=0, atol=0)
+    again = sample_checkpoint(GMM, NOISE, loaded, s2)
+    torch.testing.assert_close(again, sample_checkpoint(GMM, NOISE, predictor, settings), rtol=0, atol=0)
     assert not list((tmp_path / "ck").glob("*.tmp"))
     with pytest.raises(CheckpointError, match="trained for model 'gmm'"):
         load_checkpoint(tmp_path / "ck", load_model("digits-opt"))
@@ -186,3 +186,15 @@ def test_cli_train_then_bench_and_sample(tmp_path):
     subprocess.run([*cmd, "sample", "--model", "gmm", "--predictor", str(ck), "--seeds", "0-3",
                     "--out", str(tmp_path / "s"), "--no-progress"], check=True, capture_output=True)
     assert len(list((tmp_path / "s").glob("*.png"))) == 4
+
+
+def test_teacher_pool_cycles_through_every_trajectory_each_epoch():
+    from fewstep.amed.train import _pool_batch
+
+    cfg = small_config(pool=96, batch=32)
+    for epoch in range(2):
+        seen = torch.cat([_pool_batch(cfg, epoch * 3 + k) for k in range(3)])
+        assert sorted(seen.tolist()) == list(range(96))
+    assert not torch.equal(_pool_batch(cfg, 0), _pool_batch(cfg, 3))  # reshuffled per epoch
+    _, _, stats = train(GMM, small_config(pool=128, batch=64, kimg=64 * 30 / 1000), progress=False)
+    assert sum(stats["loss_curve"][-5:]) / 5 < 0.8 * stats["loss_curve"][0]

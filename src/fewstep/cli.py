@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         student=args.student, teacher=args.teacher, num_steps=args.num_steps, M=args.M, afs=args.afs,
         schedule=args.schedule, rho=args.rho, scale_dir=args.scale_dir, scale_time=args.scale_time,
         student_options=student_opts, teacher_options=teacher_opts, batch=args.batch, kimg=args.kimg,
-        lr=args.lr, loss=args.loss, seed=args.seed,
+        lr=args.lr, loss=args.loss, seed=args.seed, pool=args.pool,
     )
     _, settings, stats = train(model, cfg, out=args.out, progress=not args.no_progress)
     console.print(f"{settings.label} on {model.name}: NFE {settings.nfe}, loss {stats['loss_first']:.4g} → "
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kimg", type=float, default=10.0, help="thousands of training trajectories")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="training seed (noise seeds are disjoint from evaluation's)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="0: a fresh teacher run for every batch (the paper); N: run the teacher once on N seeds "
+                        "and reuse them (much faster with a network teacher)")
     p.add_argument("--out", required=True, help="checkpoint folder (resumes from its train_state.pt)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_train)

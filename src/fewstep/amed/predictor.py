@@ -22,6 +22,11 @@ def positional_embedding(v: torch.Tensor, channels: int = 8, max_period: float =
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 
+def _symmetric(logit: torch.Tensor) -> torch.Tensor:
+    """2·sigmoid(z) − 1 ∈ (−1, 1), in float64, per sample."""
+    return 2 * torch.sigmoid(logit.double()).squeeze(1) - 1
+
+
 class AMEDPredictor(nn.Module):
     """features [B, 64] and times t_n, t_{n+1} → r ∈ (0, 1), c = 1 ± s_dir, a = 1 ± s_time.
 
@@ -51,8 +56,8 @@ class AMEDPredictor(nn.Module):
         # float64 sigmoids; r is kept off 0 and 1, where s_n would coincide with a grid point
         r = torch.sigmoid(self.head_r(h).double()).squeeze(1).clamp(R_MARGIN, 1 - R_MARGIN)
         one = torch.ones_like(r)
-        c = one if self.head_c is None else 1 + self.scale_dir * (2 * torch.sigmoid(self.head_c(h).double()).squeeze(1) - 1)
-        a = one if self.head_a is None else 1 + self.scale_time * (2 * torch.sigmoid(self.head_a(h).double()).squeeze(1) - 1)
+        c = one if self.head_c is None else 1 + self.scale_dir * _symmetric(self.head_c(h))
+        a = one if self.head_a is None else 1 + self.scale_time * _symmetric(self.head_a(h))
         return Control(r, c, a)
 
     def control(self, node: Node, t_cur: torch.Tensor, t_next: torch.Tensor) -> Control:

@@ -56,12 +56,14 @@ class TrainConfig:
     lr: float = 5e-3
     loss: str = "step"
     seed: int = 0
+    pool: int = 0  # 0: fresh noise and teacher run every batch (the paper); N > 0: N teacher runs, reused
+
 
     def validate(self) -> None:
         if self.loss not in LOSS_MODES:
             raise FewstepError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
-        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.kimg <= 0:
-            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1 and kimg > 0")
+        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.kimg <= 0 or self.pool < 0:
+            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1, kimg > 0 and pool >= 0")
         if self.student == "heun":
             raise SolverError("heun has no AMED-Plugin; choose amed, euler, dpm2, ipndm, ipndm_v, deis, dpmpp or unipc")
         get_solver(self.student, **self.student_options)
@@ -142,6 +144,23 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
     return x, losses, controls
 
 
+def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress: bool) -> torch.Tensor:
+    """Teacher states [N, pool, …] for seeds first_seed…, computed once (a network teacher is the costly part)."""
+    chunks = range(0, cfg.pool, cfg.batch)
+    parts = [teacher_states(model, seeded_noise(range(first_seed + i, first_seed + min(i + cfg.batch, cfg.pool)),
+                                                model.shape), cfg)
+             for i in tqdm(chunks, desc="teacher pool", disable=not progress, leave=False)]
+    return torch.cat(parts, dim=1)
+
+
+def _pool_batch(cfg: TrainConfig, it: int) -> torch.Tensor:
+    """Indices of iteration `it` into the pool: a fresh seeded permutation every epoch (resumable)."""
+    per_epoch = max(1, cfg.pool // cfg.batch)
+    epoch, k = divmod(it, per_epoch)
+    perm = torch.randperm(cfg.pool, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    return perm[k * cfg.batch : (k + 1) * cfg.batch]
+
+
 def _stats(controls: list[Any]) -> dict[str, str]:
     out = {}
     for key in ("r", "c", "a"):
@@ -170,12 +189,15 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     began = time.perf_counter()
     bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress, initial=start_it,
                total=cfg.iterations)
+    first_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
+    pool = _teacher_pool(model, cfg, first_seed, progress) if cfg.pool else None
     with feature_source(model.bottleneck) as features:
         for it in bar:
-            seeds = range(TRAIN_SEED_BASE + cfg.seed * 10_000_000 + it * cfg.batch,
-                          TRAIN_SEED_BASE + cfg.seed * 10_000_000 + (it + 1) * cfg.batch)
-            noise = seeded_noise(seeds, model.shape)
-            targets = teacher_states(model, noise, cfg)
+            if pool is None:
+                seeds = range(first_seed + it * cfg.batch, first_seed + (it + 1) * cfg.batch)
+                targets = teacher_states(model, seeded_noise(seeds, model.shape), cfg)
+            else:
+                targets = pool[:, _pool_batch(cfg, it)]
             opt.zero_grad(set_to_none=True)
             _, losses, controls = rollout(model, predictor, cfg, sigmas, targets, features)
             for p in predictor.parameters():  # non-finite gradient guard
@@ -189,7 +211,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
             if state_path is not None and ((it + 1) % 50 == 0 or it + 1 == cfg.iterations):
                 snapshot = {"config": asdict(cfg), "predictor": predictor.state_dict(),
                             "optimizer": opt.state_dict(), "iteration": it + 1, "history": history}
-                atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
+                atomic_write(state_path, lambda tmp, snap=snapshot: torch.save(snap, tmp))
     stats = {"iterations": cfg.iterations, "seconds": time.perf_counter() - began,
              "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
              "loss_curve": history[:: max(1, len(history) // 50)]}

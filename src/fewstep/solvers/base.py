@@ -116,7 +116,9 @@ def dynamic_threshold(denoised: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def _fmt(sigma: torch.Tensor) -> str:
     s = sigma.reshape(-1)
-    return f"{s[0].item():.6g}" if s.numel() == 1 or bool((s == s[0]).all()) else f"{s.min().item():.4g}..{s.max().item():.4g}"
+    if s.numel() == 1 or bool((s == s[0]).all()):
+        return f"{s[0].item():.6g}"
+    return f"{s.min().item():.4g}..{s.max().item():.4g}"  # per-sample σ (AMED's learned points)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,10 @@ class DPMSolverPP(_Exponential):
 class UniPC(_Exponential):
     name = "unipc"
     summary = "UniPC: UniP-p predictor + UniC corrector (order p+1) reusing the next evaluation"
-    options = {**_Exponential.options, "variant": Option("bh2", choices=("bh1", "bh2"), help="B(h) = h (bh1) or expm1(h) (bh2)")}
+    options = {
+        **_Exponential.options,
+        "variant": Option("bh2", choices=("bh1", "bh2"), help="B(h) = h (bh1) or expm1(h) (bh2)"),
+    }
     history = 4
     corrects = True
 
