@@ -108,10 +108,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model = load_model(args.model)
-    records = run_demo(model, out, n=args.n, kimg=args.kimg, progress=not args.no_progress, log=console.print)
+    network = not model.exact  # a network: fewer samples, and a reused teacher pool (the teacher is the cost)
+    n = args.n or (64 if network else 256)
+    kimg = args.kimg or (3.2 if network else 10.0)
+    pool = 256 if network else 0
+    records = run_demo(model, out, n=n, kimg=kimg, pool=pool, batch=64 if network else 128, amed_nfes=args.amed_nfe,
+                       progress=not args.no_progress, log=console.print)
     nfes = sorted({r["nfe"] for r in records})
     header, rows = table_rows(records, nfes)
-    _print_table(header, rows, f"RMSE to the reference solution — {model.name}, {args.n} samples (* best per NFE)")
+    _print_table(header, rows, f"RMSE to the reference solution — {model.name}, {n} samples (* best per NFE)")
     console.print(f"wrote {out}/table.md, table.json, error_vs_nfe.png, samples_nfe5.png and predictors/")
     return 0
 
@@ -215,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "solver at NFE 3-10, write table, plot and sample pictures")
     p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg, help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)))
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--n", type=int, default=256, help="number of evaluation samples (seeds 0…n-1)")
-    p.add_argument("--kimg", type=float, default=10.0, help="training trajectories (thousands) per predictor")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of evaluation samples, seeds 0…n-1 (default 64 for a network, 256 otherwise)")
+    p.add_argument("--kimg", type=float, default=None,
+                   help="training trajectories (thousands) per predictor (default 3.2 for a network, 10 otherwise)")
+    p.add_argument("--amed-nfe", type=_int_list, default=[5], help="NFEs to train AMED predictors for (default 5)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
 

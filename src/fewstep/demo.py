@@ -32,8 +32,10 @@ AMED_RECIPES = {"AMED-Solver": "solver", "AMED-Plugin[ipndm]": "plugin-ipndm"}
 PICTURE_NFE = 5
 
 
-def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0, progress: bool = True,
+def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0, pool: int = 0,
+             batch: int = 128, amed_nfes: tuple[int, ...] = AMED_NFES, progress: bool = True,
              log: Any = print) -> list[dict[str, Any]]:
+    """Run the demo; `pool` > 0 reuses that many teacher runs in AMED training (for network models)."""
     out = Path(out)
     start = time.perf_counter()
     seeds = list(range(n))
@@ -55,8 +57,8 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         if nfe == PICTURE_NFE:
             pictures[label] = x[:8]
     for label, name in AMED_RECIPES.items():
-        for nfe in AMED_NFES:
-            cfg = recipe(name, nfe, kimg=kimg)
+        for nfe in amed_nfes:
+            cfg = recipe(name, nfe, kimg=kimg, pool=pool, batch=batch)
             predictor, settings, stats = train(model, cfg, out=out / "predictors" / f"{name}-nfe{nfe}",
                                                progress=progress)
             x = sample_checkpoint(model, noise, predictor, settings)

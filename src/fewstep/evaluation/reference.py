@@ -18,6 +18,7 @@ from ..solvers import sample
 
 REFERENCE_SOLVER = "heun"
 REFERENCE_STEPS = 1000  # grid points of polynomial ρ = 7: 1 998 NFE; its error is ~1e-6 on the analytic models
+NETWORK_REFERENCE_STEPS = 500  # networks (SPEC §8: a 500+-step Heun solve): 998 NFE
 
 
 def cache_dir() -> Path:
@@ -31,9 +32,13 @@ def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
 
 
 def reference_solution(
-    model: ModelInfo, seeds: list[int], num_steps: int = REFERENCE_STEPS, batch: int = 1024, progress: bool = False
+    model: ModelInfo, seeds: list[int], num_steps: int | None = None, batch: int = 1024, progress: bool = False
 ) -> torch.Tensor:
-    """x at σ_min from a `num_steps`-point Heun solve for each seed, float64, cached by (model, seeds, steps)."""
+    """x at σ_min from a `num_steps`-point Heun solve for each seed, float64, cached by (model, seeds, steps).
+
+    Default steps: 1000 for exact (analytic) models, 500 for networks."""
+    if num_steps is None:
+        num_steps = REFERENCE_STEPS if model.exact else NETWORK_REFERENCE_STEPS
     path = cache_dir() / f"{_key(model, seeds, num_steps)}.safetensors"
     if path.exists():
         try:
