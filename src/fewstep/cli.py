@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train AMED predictors, benchmark them beside every classic "
                                     "solver at NFE 3-10, write table, plot and sample pictures")
-    p.add_argument("--model", default=DEFAULT_MODEL, type=model_arg, help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)))
+    p.add_argument("--model", default="digits", type=model_arg,
+                   help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + "; default digits")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n", type=int, default=None,
                    help="number of evaluation samples, seeds 0…n-1 (default 64 for a network, 256 otherwise)")

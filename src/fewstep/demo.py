@@ -1,4 +1,4 @@
-"""`fewstep demo`: the main job. Train AMED-Solver and AMED-Plugin (iPNDM) predictors on a built-in model,
+"""`fewstep demo`: the main job. Train AMED-Solver and AMED-Plugin (iPNDM, DEIS) predictors on a built-in model,
 benchmark them beside every classic solver at NFE 3–10 from the same noise against the same reference, and
 write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG of the same seeds at NFE 5.
 """
@@ -28,7 +28,7 @@ from .solvers import num_steps_for_nfe, sample
 
 DEMO_NFES = (3, 4, 5, 6, 7, 8, 9, 10)
 AMED_NFES = (3, 5, 7, 9)
-AMED_RECIPES = {"AMED-Solver": "solver", "AMED-Plugin[ipndm]": "plugin-ipndm"}
+AMED_RECIPES = {"AMED-Solver": "solver", "AMED-Plugin[ipndm]": "plugin-ipndm", "AMED-Plugin[deis]": "plugin-deis"}
 PICTURE_NFE = 5
 
 

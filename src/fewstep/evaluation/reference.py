@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def cache_dir() -> Path:
 
 def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
     seed_hash = hashlib.sha1(",".join(map(str, seeds)).encode()).hexdigest()[:10]
-    return f"ref-{model.name}-s{seeds[0]}-n{len(seeds)}-{seed_hash}-{REFERENCE_SOLVER}{num_steps}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name) + (f"-{model.fingerprint}" if model.fingerprint else "")
+    return f"ref-{name}-s{seeds[0]}-n{len(seeds)}-{seed_hash}-{REFERENCE_SOLVER}{num_steps}"
 
 
 def reference_solution(

@@ -26,6 +26,7 @@ class ModelInfo:
     description: str = ""
     exact: bool = False  # True when D is the exact posterior mean (analytic models)
     bottleneck: torch.nn.Module | None = field(default=None, repr=False)
+    fingerprint: str = ""  # identifies the weights: cached results of another version are not reused
 
 
 def gmm_parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,13 +69,15 @@ def _digits_opt() -> ModelInfo:
 def _digits() -> ModelInfo:
     """The shipped EDM-preconditioned U-Net trained on sklearn digits at 16×16 (EMA weights, eval mode).
     Raises ModelError when the weights file is missing or corrupt."""
-    from .unet import load_unet
+    import hashlib
+
+    from .unet import DIGITS_WEIGHTS, load_unet
 
     net = load_unet()
     return ModelInfo(
         "digits", net, net.shape, 0.002, 80.0,
         description="EDM U-Net trained on sklearn digits at 16x16 (see models/unet.py, data/digits_unet.json)",
-        bottleneck=net.bottleneck,
+        bottleneck=net.bottleneck, fingerprint=hashlib.sha1(DIGITS_WEIGHTS.read_bytes()).hexdigest()[:12],
     )
 
 
