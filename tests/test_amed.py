@@ -198,3 +198,27 @@ def test_teacher_pool_cycles_through_every_trajectory_each_epoch():
     assert not torch.equal(_pool_batch(cfg, 0), _pool_batch(cfg, 3))  # reshuffled per epoch
     _, _, stats = train(GMM, small_config(pool=128, batch=64, kimg=64 * 30 / 1000), progress=False)
     assert sum(stats["loss_curve"][-5:]) / 5 < 0.8 * stats["loss_curve"][0]
+
+
+def test_predictor_for_other_weights_is_refused(tmp_path):
+    import dataclasses
+
+    predictor, settings, _ = train(GMM, small_config(kimg=0.064), progress=False)
+    settings.model_fingerprint = "aaaa"
+    other = dataclasses.replace(GMM, fingerprint="bbbb")
+    with pytest.raises(CheckpointError, match="other weights"):
+        sample_checkpoint(other, NOISE, predictor, settings)
+
+
+def test_demo_command_writes_every_output(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "fewstep", "demo", "--model", "gmm", "--n", "16", "--kimg", "0.064",
+                          "--amed-nfe", "3", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in ("table.md", "table.json", "error_vs_nfe.png", "samples_nfe5.png"):
+        assert (out / name).stat().st_size > 0, name
+    records = json.loads((out / "table.json").read_text())
+    solvers = {r["solver"] for r in records}
+    assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc"} <= solvers
+    assert {r["nfe"] for r in records} == set(range(3, 11))
+    assert "AMED-Plugin" in run.stdout

@@ -19,10 +19,10 @@ from .amed.train import train
 from .evaluation.bench import DEFAULT_SOLVERS, SolverSpec, markdown_table, table_rows
 from .evaluation.plots import plot_error_vs_nfe
 from .evaluation.reference import reference_solution, rmse
-from .io import write_json, write_text
+from .io import atomic_write, write_json, write_text
 from .models.registry import ModelInfo
 from .noise import seeded_noise
-from .sampling import save_grid, to_uint8
+from .sampling import to_uint8
 from .schedules import get_schedule
 from .solvers import num_steps_for_nfe, sample
 
@@ -73,13 +73,29 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
     write_text(out / "table.md", f"# {title}\n\n(* best per NFE)\n\n" + markdown_table(header, rows))
     write_json(out / "table.json", records)
     plot_error_vs_nfe(records, out / "error_vs_nfe.png", title=f"{model.name}: error vs NFE")
-    _side_by_side(pictures, out / f"samples_nfe{PICTURE_NFE}.png")
+    _side_by_side(pictures, out / f"samples_nfe{PICTURE_NFE}.png",
+                  {r["solver"]: r["rmse"] for r in records if r["nfe"] == PICTURE_NFE})
     log(f"demo finished in {time.perf_counter() - start:.0f} s")
     return records
 
 
-def _side_by_side(pictures: dict[str, torch.Tensor], path: Path) -> None:
-    """One row per method (reference first), the same 8 seeds in the columns."""
-    imgs = np.concatenate([to_uint8(x) for x in pictures.values()])
-    save_grid(path, imgs, cols=8, upscale=max(1, 64 // imgs.shape[1]))
-    write_text(path.with_suffix(".txt"), "rows, top to bottom:\n" + "\n".join(pictures) + "\n")
+def _side_by_side(pictures: dict[str, torch.Tensor], path: Path, rmse_by_label: dict[str, float]) -> None:
+    """One labelled row per method (reference first), the same 8 seeds in the columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pictures), 1, figsize=(8, 0.85 * len(pictures)), dpi=110, squeeze=False)
+    for ax, (label, x) in zip(axes[:, 0], pictures.items()):
+        imgs = to_uint8(x)
+        ax.imshow(np.concatenate(list(imgs[..., 0] if imgs.shape[-1] == 1 else imgs), axis=1), cmap="gray",
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        suffix = f"  {rmse_by_label[label]:.3f}" if label in rmse_by_label else ""
+        ax.set_ylabel(label + suffix, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"the same seeds at NFE {PICTURE_NFE} (label: RMSE to the reference)", fontsize=8)
+    fig.subplots_adjust(left=0.26, right=0.98, top=1 - 0.35 / len(pictures), bottom=0.01, hspace=0.15)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

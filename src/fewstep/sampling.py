@@ -1,6 +1,7 @@
 """Sampling jobs: one PNG per seed (deterministic, independent of batch size), optional grid and .npz.
 
 Outputs are written atomically; samples whose PNG already exists are skipped, so an interrupted job resumes.
+Under torchrun (WORLD_SIZE > 1) rank r samples seeds[r::world]; rank 0 writes the grid/.npz after a barrier.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import FewstepError
 from .io import atomic_write
 from .models import load_model
@@ -78,7 +80,7 @@ def save_grid(path: str | Path, images: np.ndarray, cols: int | None = None, ups
 
 
 def run_sample_job(job: SampleJob) -> int:
-    """Run a sampling job; returns how many new PNGs were written."""
+    """Run a sampling job; returns how many new PNGs were written (by this rank, under torchrun)."""
     model = load_model(job.model)
     seeds = parse_seeds(job.seeds)
     if job.batch < 1:
@@ -102,16 +104,18 @@ def run_sample_job(job: SampleJob) -> int:
         name, rho = (job.schedule, job.rho) if job.schedule else RECOMMENDED_SCHEDULE.get(solver, ("polynomial", 7.0))
         sched = get_schedule(name, steps, model.sigma_min, model.sigma_max, rho=job.rho if job.rho is not None else rho)
     out = Path(job.out)
-    todo = [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+    rank, world = distributed.world()
+    todo = [s for s in seeds[rank::world] if not (out / f"{s:06d}.png").exists()]
     written = 0
     upscale = max(1, 32 // model.shape[-1])
-    for i in tqdm(range(0, len(todo), job.batch), desc="sample", disable=not job.progress or not todo):
+    for i in tqdm(range(0, len(todo), job.batch), desc="sample", disable=not job.progress or not todo or rank > 0):
         chunk = todo[i : i + job.batch]
         x = sample(model.denoiser, seeded_noise(chunk, model.shape), solver, sched, afs=afs, **kwargs)
         for seed, img in zip(chunk, to_uint8(x)):
             save_png(out / f"{seed:06d}.png", img, upscale)
             written += 1
-    if job.grid or job.npz:
+    distributed.barrier()  # every rank's PNGs exist before rank 0 gathers them
+    if rank == 0 and (job.grid or job.npz):
         imgs = np.stack([np.asarray(Image.open(out / f"{s:06d}.png")) for s in seeds])
         if job.npz:  # uint8 [B, H, W, C] as in EDM's FID convention, with the seeds
             save_npz(job.npz, images=imgs, seeds=np.array(seeds))

@@ -49,6 +49,7 @@ class SamplingSettings:
     M: int
     guidance: float | None = None
     sigmas: list[float] | None = None  # the exact student grid (so gits:FILE need not exist at sampling time)
+    model_fingerprint: str = ""  # the weights the predictor was trained on (networks)
     predictor: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +77,11 @@ class SamplingSettings:
             raise CheckpointError(
                 f"this predictor was trained for model {self.model!r} {tuple(self.model_shape)}, "
                 f"not {model.name!r} {tuple(model.shape)}"
+            )
+        if self.model_fingerprint and model.fingerprint and self.model_fingerprint != model.fingerprint:
+            raise CheckpointError(
+                f"this predictor was trained for other weights of {self.model!r} (fingerprint "
+                f"{self.model_fingerprint}, the loaded model has {model.fingerprint}); retrain it"
             )
 
 

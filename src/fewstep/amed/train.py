@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import FewstepError, SolverError
 from ..io import atomic_write
 from ..models.registry import ModelInfo
@@ -171,8 +172,16 @@ def _stats(controls: list[Any]) -> dict[str, str]:
 
 def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
           log_every: int = 0) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
-    """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present)."""
+    """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present).
+
+    Checkpoints every 50 iterations, at the end and on Ctrl-C. Under torchrun (WORLD_SIZE > 1) rank r trains
+    on the share seeds[r::world] of every batch and the gradients are summed with weights share/batch, which
+    gives the single-process gradient; rank 0 writes the files.
+    """
     cfg.validate()
+    rank, world = distributed.world()
+    if world > min(cfg.batch, cfg.pool or cfg.batch):
+        raise FewstepError(f"{world} ranks need a batch (and pool) of at least {world}")
     torch.manual_seed(cfg.seed)
     sigmas = student_schedule(model, cfg)
     predictor = AMEDPredictor(cfg.scale_dir, cfg.scale_time)
@@ -187,41 +196,63 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
         opt.load_state_dict(state["optimizer"])
         start_it, history = state["iteration"], state["history"]
     began = time.perf_counter()
-    bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress, initial=start_it,
-               total=cfg.iterations)
+    bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress or rank > 0,
+               initial=start_it, total=cfg.iterations)
     first_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
-    pool = _teacher_pool(model, cfg, first_seed, progress) if cfg.pool else None
-    with feature_source(model.bottleneck) as features:
-        for it in bar:
-            if pool is None:
-                seeds = range(first_seed + it * cfg.batch, first_seed + (it + 1) * cfg.batch)
-                targets = teacher_states(model, seeded_noise(seeds, model.shape), cfg)
-            else:
-                targets = pool[:, _pool_batch(cfg, it)]
-            opt.zero_grad(set_to_none=True)
-            _, losses, controls = rollout(model, predictor, cfg, sigmas, targets, features)
-            for p in predictor.parameters():  # non-finite gradient guard
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            history.append(sum(losses))
-            bar.set_postfix(loss=f"{sum(losses):.4g}", **_stats(controls))
-            if log_every and (it + 1) % log_every == 0:
-                print(json.dumps({"iteration": it + 1, "loss": sum(losses), **_stats(controls)}), flush=True)
-            if state_path is not None and ((it + 1) % 50 == 0 or it + 1 == cfg.iterations):
-                snapshot = {"config": asdict(cfg), "predictor": predictor.state_dict(),
-                            "optimizer": opt.state_dict(), "iteration": it + 1, "history": history}
-                atomic_write(state_path, lambda tmp, snap=snapshot: torch.save(snap, tmp))
+    pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0) if cfg.pool else None
+
+    def save_state(iteration: int) -> None:
+        if state_path is not None and rank == 0:
+            snapshot = {"config": asdict(cfg), "predictor": predictor.state_dict(),
+                        "optimizer": opt.state_dict(), "iteration": iteration, "history": history}
+            atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
+
+    completed, saved, updating = start_it, start_it, False
+    try:
+        with feature_source(model.bottleneck) as features:
+            for it in bar:
+                if pool is None:
+                    batch = range(first_seed + it * cfg.batch, first_seed + (it + 1) * cfg.batch)
+                    targets = teacher_states(model, seeded_noise(batch[rank::world], model.shape), cfg)
+                else:
+                    batch = _pool_batch(cfg, it)
+                    targets = pool[:, batch[rank::world]]
+                opt.zero_grad(set_to_none=True)
+                _, losses, controls = rollout(model, predictor, cfg, sigmas, targets, features)
+                loss = sum(losses)
+                if world > 1:  # this rank's share of the batch mean, summed over the ranks
+                    share = len(batch[rank::world]) / len(batch)
+                    distributed.average_gradients(predictor, share)
+                    loss = distributed.sum_scalar(loss * share)
+                for p in predictor.parameters():  # non-finite gradient guard
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                updating = True  # an interrupt inside the update leaves no consistent state to save
+                opt.step()
+                history.append(loss)
+                completed, updating = it + 1, False
+                bar.set_postfix(loss=f"{loss:.4g}", **_stats(controls))
+                if log_every and (it + 1) % log_every == 0 and rank == 0:
+                    print(json.dumps({"iteration": it + 1, "loss": loss, **_stats(controls)}), flush=True)
+                if (it + 1) % 50 == 0 or it + 1 == cfg.iterations:
+                    save_state(it + 1)
+                    saved = it + 1
+    except KeyboardInterrupt:
+        if completed > saved and not updating:
+            save_state(completed)  # Ctrl-C: keep the finished iterations; the next run resumes from here
+        raise
     stats = {"iterations": cfg.iterations, "seconds": time.perf_counter() - began,
              "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
              "loss_curve": history[:: max(1, len(history) // 50)]}
     settings = SamplingSettings(
-        model=model.name, model_shape=list(model.shape), num_steps=cfg.num_steps, student=cfg.student,
+        model=model.name, model_shape=list(model.shape), model_fingerprint=model.fingerprint,
+        num_steps=cfg.num_steps, student=cfg.student,
         student_options=dict(cfg.student_options), schedule=cfg.schedule, rho=cfg.rho,
         sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
         scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M, sigmas=sigmas.tolist(),
         training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"}},
     )
-    if out is not None:
+    if out is not None and rank == 0:
         save_checkpoint(out, predictor, settings)
+    distributed.barrier()
     return predictor.eval(), settings, stats
