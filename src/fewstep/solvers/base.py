@@ -98,7 +98,9 @@ class Evaluator:
         if out.shape != x.shape:
             raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} {where}")
         out = out.to(x.dtype)
-        if not torch.isfinite(out).all():
+        # one reduction instead of isfinite's 4 full passes (24-31% of the driver's own time at batch 64);
+        # a non-finite sum is rechecked element-wise (a finite output may overflow the sum)
+        if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
             raise DenoiserError(f"denoiser returned {bad} non-finite values (NaN/Inf) {where}")
         if self.threshold_ratio is not None:
