@@ -91,6 +91,11 @@ def logsnr(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 def time_uniform(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
     """Uniform (ρ = 1) or ρ-warped VP time of the VP-linear SDE fitted to [σ_min, σ_max]; DEIS uses ρ = 2."""
     vp = VPLinear.fit(sigma_min, sigma_max)
+    if min(vp.beta_d * VP_EPS_S, vp.beta_d) + vp.beta_min <= 0:  # dσ²/dτ ∝ β_d·τ + β_min must stay > 0 on [ε_s, 1]
+        raise ScheduleError(
+            f"time_uniform cannot fit a VP-linear SDE to [{sigma_min:g}, {sigma_max:g}]: the range is too narrow "
+            "(it needs roughly sigma_max/sigma_min > 10 with sigma_min small); use polynomial or logsnr"
+        )
     u = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     tau = (1 + u * (VP_EPS_S ** (1 / rho) - 1)) ** rho
     t = vp.sigma(tau)
