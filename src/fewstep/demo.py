@@ -6,6 +6,7 @@ write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
     """Run the demo; `pool` > 0 reuses that many teacher runs in AMED training (for network models)."""
     out = Path(out)
     start = time.perf_counter()
+    fd = _fd_metric(model)
     seeds = list(range(n))
     ref = reference_solution(model, seeds, progress=progress)
     noise = seeded_noise(seeds, model.shape)
@@ -53,7 +55,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
         label = spec.label + (" +AFS" if afs else "")
         records.append({"solver": label, "schedule": spec.schedule_label, "nfe": nfe, "num_steps": steps,
-                        "afs": afs, "rmse": rmse(x, ref)})
+                        "afs": afs, "rmse": rmse(x, ref), **fd(x)})
         if nfe == PICTURE_NFE:
             pictures[label] = x[:8]
     for label, name in AMED_RECIPES.items():
@@ -64,19 +66,33 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
             x = sample_checkpoint(model, noise, predictor, settings)
             records.append({"solver": label, "schedule": settings.schedule + f"(rho={settings.rho:g})",
                             "nfe": nfe, "num_steps": settings.num_steps, "afs": settings.afs, "rmse": rmse(x, ref),
-                            "train_seconds": stats["seconds"]})
+                            "train_seconds": stats["seconds"], **fd(x)})
             if nfe == PICTURE_NFE:
                 pictures[label] = x[:8]
             log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
     header, rows = table_rows(records, list(DEMO_NFES))
     title = f"RMSE to the reference solution — {model.name} ({model.description}), {n} samples"
-    write_text(out / "table.md", f"# {title}\n\n(* best per NFE)\n\n" + markdown_table(header, rows))
+    text = f"# {title}\n\n(* best per NFE)\n\n" + markdown_table(header, rows)
+    metrics = ["rmse", *[k for k in records[0] if k.startswith("fd_")]]
+    for key in metrics[1:]:
+        text += f"\n## {key.replace('fd_', 'FD-')} of the same samples ({n}; noisy at this sample count)\n\n"
+        text += markdown_table(*table_rows(records, list(DEMO_NFES), metric=key))
+    write_text(out / "table.md", text)
     write_json(out / "table.json", records)
-    plot_error_vs_nfe(records, out / "error_vs_nfe.png", title=f"{model.name}: error vs NFE")
+    plot_error_vs_nfe(records, out / "error_vs_nfe.png", title=f"{model.name}: error vs NFE", metric=metrics)
     _side_by_side(pictures, out / f"samples_nfe{PICTURE_NFE}.png",
                   {r["solver"]: r["rmse"] for r in records if r["nfe"] == PICTURE_NFE})
     log(f"demo finished in {time.perf_counter() - start:.0f} s")
     return records
+
+
+def _fd_metric(model: ModelInfo) -> Callable[[torch.Tensor], dict[str, float]]:
+    """FD of samples against the shipped reference statistics, for models with a feature network."""
+    from .evaluation.fid import MODEL_FEATURES, bench_fd_metric
+
+    if model.name not in MODEL_FEATURES:
+        return lambda x: {}
+    return bench_fd_metric(model.name)
 
 
 def _side_by_side(pictures: dict[str, torch.Tensor], path: Path, rmse_by_label: dict[str, float]) -> None:
