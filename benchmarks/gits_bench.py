@@ -2,7 +2,7 @@
 
 For each model: one GITS warm-up (teacher iPNDM on the 61-point polynomial grid, seeds from 2 000 000) gives the
 cost matrix; the DP cuts it to every NFE (with AFS: the authors' inserted free first point). Every schedule is
-evaluated on seeds 0…n−1 against the 1000-step Heun reference (RMSE). Writes benchmarks/results/gits_<model>.{md,json}.
+evaluated on seeds 0…n−1 against the Heun reference (1000 steps; 500 for networks) (RMSE). Writes benchmarks/results/gits_<model>.{md,json}.
 
     python benchmarks/gits_bench.py --models gmm,digits-opt,digits --nfe 4,5,6
 
@@ -65,7 +65,7 @@ def bench_model(model, nfes, n, warmup):
 
 
 def table(model_name, rows, timing, n, warmup):
-    lines = [f"## {model_name}: iPNDM (max_order 4), RMSE to the 1000-step Heun reference, seeds 0…{n - 1}", "",
+    lines = [f"## {model_name}: iPNDM (max_order 4), RMSE to the Heun reference (1000 steps; 500 for networks), seeds 0…{n - 1}", "",
              "| NFE | AFS | polynomial ρ=7 | GITS | GITS / poly | GITS schedule σ |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['nfe']} | {'yes' if r['afs'] else 'no'} | {r['poly']:.4f} | {r['gits']:.4f} | "
