@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import FewstepError
-from .evaluation.bench import DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, expand_schedules, run_bench, table_rows
+from .evaluation.bench import (DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, expand_schedules, parse_options, run_bench,
+                               table_rows)
 from .io import write_json
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from .solvers import RECOMMENDED_SCHEDULE, SOLVERS
@@ -121,26 +122,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(items: Sequence[str]) -> dict[str, object]:
-    from .evaluation.bench import _parse_value
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise FewstepError(f"bad option {item!r}: use key=value")
-        out[key.strip().replace("-", "_")] = _parse_value(val.strip())
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .amed.train import TrainConfig, train
 
     model = load_model(args.model)
-    student_opts = _options(args.student_opt)
+    student_opts = parse_options(args.student_opt)
     if args.max_order is not None:
         student_opts["max_order"] = args.max_order
-    teacher_opts = _options(args.teacher_opt)
+    teacher_opts = parse_options(args.teacher_opt)
     cfg = TrainConfig(
         student=args.student, teacher=args.teacher, num_steps=args.num_steps, M=args.M, afs=args.afs,
         schedule=args.schedule, rho=args.rho, scale_dir=args.scale_dir, scale_time=args.scale_time,
@@ -159,7 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     job = SampleJob(model=args.model, solver=args.solver, nfe=args.nfe, num_steps=args.num_steps,
                     schedule=args.schedule, rho=args.rho, afs=args.afs, seeds=args.seeds, out=args.out,
                     grid=args.grid, npz=args.npz, batch=args.batch, predictor=args.predictor,
-                    options=_options(args.opt), progress=not args.no_progress)
+                    options=parse_options(args.opt), progress=not args.no_progress)
     written = run_sample_job(job)
     console.print(f"wrote {written} new sample(s) to {args.out}")
     return 0

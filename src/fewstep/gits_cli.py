@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 from .errors import FewstepError
+from .evaluation.bench import parse_options
 from .gits import (DEFAULT_GAMMA, DEFAULT_GRID, DEFAULT_METRIC, DEFAULT_TEACHER, DEFAULT_WARMUP, GITS_SEED_BASE,
                    METRICS, GitsSearch, nfe_to_num_steps, save_schedule)
-
-
-def _options(items: list[str]) -> dict[str, Any]:
-    from .evaluation.bench import _parse_value
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise FewstepError(f"bad option {item!r}: use key=value")
-        out[key.strip().replace("-", "_")] = _parse_value(val.strip())
-    return out
 
 
 def cmd_gits(args: argparse.Namespace) -> int:
@@ -33,7 +21,7 @@ def cmd_gits(args: argparse.Namespace) -> int:
     from .solvers import get_solver, nfe
 
     model = load_model(args.model)
-    options = _options(args.opt)
+    options = parse_options(args.opt)
     get_solver(args.solver, **options)
     if args.num_steps is not None:
         steps = args.num_steps
@@ -43,7 +31,7 @@ def cmd_gits(args: argparse.Namespace) -> int:
         raise FewstepError("give --nfe (or --num-steps)")
     start = time.perf_counter()
     search = GitsSearch.run(model, teacher=args.teacher, grid=args.grid, warmup=args.warmup, metric=args.metric,
-                            teacher_options=_options(args.teacher_opt), batch=args.batch,
+                            teacher_options=parse_options(args.teacher_opt), batch=args.batch,
                             progress=not args.no_progress)
     sigmas, path = search.schedule(steps, args.gamma, afs=args.afs, afs_mode=args.afs_mode, solver=args.solver,
                                    solver_options=options)

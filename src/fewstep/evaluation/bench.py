@@ -36,12 +36,7 @@ class SolverSpec:
         """E.g. 'dpmpp:max_order=2', 'ipndm@logsnr', 'deis:deis_mode=rhoab@polynomial:5'."""
         head, _, sched = text.partition("@")
         name, _, opts = head.partition(":")
-        options: dict[str, Any] = {}
-        for item in filter(None, opts.split(",")):
-            key, eq, val = item.partition("=")
-            if not eq:
-                raise SolverError(f"bad solver option {item!r} in {text!r}: use key=value")
-            options[key.strip()] = _parse_value(val.strip())
+        options = parse_options(opts.split(","))
         if name not in RECOMMENDED_SCHEDULE:
             get_solver(name)  # raises the standard unknown-solver error
         get_solver(name, **options)  # validate the options now, not halfway through a benchmark
@@ -63,6 +58,17 @@ class SolverSpec:
     @property
     def schedule_label(self) -> str:
         return self.schedule + (f"(rho={self.rho:g})" if self.rho is not None else "")
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """['max_order=3', 'predict-x0=false'] → {'max_order': 3, 'predict_x0': False} (numbers and booleans parsed)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in items)):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise SolverError(f"bad option {item!r}: use key=value")
+        out[key.strip().replace("-", "_")] = _parse_value(val.strip())
+    return out
 
 
 def _parse_value(text: str) -> Any:

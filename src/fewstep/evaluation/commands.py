@@ -97,13 +97,13 @@ def cmd_fid_calc(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ..cli import _options
+    from .bench import parse_options
     from ..models import load_model
     from .analysis import analyze, write_report
 
     model = load_model(args.model)
     result = analyze(model, args.solver, args.num_steps, args.n, first_seed=args.first_seed, schedule=args.schedule,
-                     rho=args.rho, batch=args.batch, options=_options(args.opt), progress=not args.no_progress)
+                     rho=args.rho, batch=args.batch, options=parse_options(args.opt), progress=not args.no_progress)
     files = write_report(result, args.out)
     s = result.summary()
     if args.json:

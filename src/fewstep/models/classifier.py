@@ -92,8 +92,8 @@ def heun_samples(denoiser: Any, n: int = 1000, shape: tuple[int, ...] = (1, 16, 
 def sample_quality(denoiser: Any, n: int = 1000, num_steps: int = 51, threshold: float = 0.5,
                    classifier: DigitClassifier | None = None, shape: tuple[int, ...] = (1, 16, 16)) -> dict[str, Any]:
     """The acceptance check of a digits model: n EDM-Heun samples (seeds 0…n−1, num_steps points, i.e.
-    2·(num_steps−1) = 100 NFE for 51 points), the fraction the classifier recognises with confidence ≥ threshold, the mean
-    confidence and the histogram of predicted digits (among the recognised samples)."""
+    2·(num_steps−1) = 100 NFE for 51 points), the fraction the classifier recognises with confidence ≥ threshold,
+    the mean confidence and the histogram of predicted digits (among the recognised samples)."""
     clf = classifier or load_classifier()
     x = heun_samples(denoiser, n, shape, num_steps)
     labels, conf = clf.predict(x)

@@ -51,7 +51,8 @@ def digits_images(resolution: int = 16) -> torch.Tensor:
     return x
 
 
-def split_indices(n: int = 1797, holdout: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(n: int = 1797, holdout: float = HOLDOUT_FRACTION,
+                  seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held_out) index sets: a fixed random permutation; the last `holdout` fraction is held out."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = int(round(n * holdout))
@@ -259,7 +260,8 @@ def add_commands(sub: Any) -> None:
                    help="random integer shifts up to this many pixels (default 0 = off)")
     p.add_argument("--channels", help="comma-separated widths per level (default "
                    + ",".join(map(str, DEFAULT_CONFIG["channels"])) + ")")
-    p.add_argument("--blocks", type=int, help=f"residual blocks per level (default {DEFAULT_CONFIG['blocks_per_level']})")
+    p.add_argument("--blocks", type=int,
+                   help=f"residual blocks per level (default {DEFAULT_CONFIG['blocks_per_level']})")
     p.add_argument("--resolution", type=int, help=f"image size (default {DEFAULT_CONFIG['resolution']})")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint period (default {d.ckpt_every})")
