@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, loss=args.loss, seed=args.seed, pool=args.pool,
     )
     _, settings, stats = train(model, cfg, out=args.out, progress=not args.no_progress)
-    console.print(f"{settings.label} on {model.name}: NFE {settings.nfe}, loss {stats['loss_first']:.4g} → "
+    console.print(f"{escape(settings.label)} on {model.name}: NFE {settings.nfe}, loss {stats['loss_first']:.4g} → "
                   f"{stats['loss_last']:.4g} in {stats['seconds']:.1f} s; wrote {args.out}")
     return 0
 
