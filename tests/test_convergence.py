@@ -69,14 +69,6 @@ INTERVALS = {1: (40, 80), 2: (40, 80), 3: (80, 160), 4: (160, 320)}
 TOL = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These tensors are tiny: one thread is much faster (and immune to other processes' load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_problem() -> tuple[GaussianMixture, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

@@ -25,17 +25,8 @@ GMM = load_model("gmm")
 SD_RANGE = (0.0291671582, 14.6146412293)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool stalls on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def search(one_thread) -> GitsSearch:
+def search() -> GitsSearch:
     return GitsSearch.run(GMM, grid=21, warmup=24, batch=8, progress=False)
 
 

@@ -18,13 +18,6 @@ from fewstep.solvers import RECOMMENDED_SCHEDULE, SOLVERS
 CLASSIC = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_gmm(scale: float = 1.0, dim: int = 6) -> GaussianMixture:
     g = torch.Generator().manual_seed(7)
