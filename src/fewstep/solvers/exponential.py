@@ -38,9 +38,11 @@ class _Exponential(Solver):
     def combine(self, x: torch.Tensor, n0: Node, t_next: torch.Tensor, model_terms: torch.Tensor,
                 scale: torch.Tensor | float) -> torch.Tensor:
         """x_{n+1} = (t_{n+1}/t_n)x_n − c·terms (data) or x_n − c·t_{n+1}·terms (noise)."""
+        if not (isinstance(scale, float) and scale == 1.0):  # AMED's c; skip a full pass when plain
+            model_terms = scale * model_terms
         if self.predict_x0:
-            return bcast(t_next / n0.sigma, x) * x - scale * model_terms
-        return x - scale * bcast(t_next, x) * model_terms
+            return bcast(t_next / n0.sigma, x) * x - model_terms
+        return x - bcast(t_next, x) * model_terms
 
 
 @register

@@ -25,7 +25,7 @@ class _LinearMultistep(Solver):
     def step(self, x, hist, t_next, info, ev, scale=1.0):
         nodes = hist[::-1][: self.order(hist)]
         coeffs = self.coefficients(nodes, t_next, info)
-        return x + scale * sum(bcast(c, x) * n.d for c, n in zip(coeffs, nodes))
+        return x + sum(bcast(c, x) * scale * n.d for c, n in zip(coeffs, nodes))  # scale folded into C
 
 
 @register
