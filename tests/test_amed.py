@@ -222,3 +222,14 @@ def test_demo_command_writes_every_output(tmp_path):
     assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc"} <= solvers
     assert {r["nfe"] for r in records} == set(range(3, 11))
     assert "AMED-Plugin" in run.stdout
+
+
+def test_amed_solver_has_a_recommended_schedule_like_every_solver():
+    from fewstep.evaluation.bench import SolverSpec
+    from fewstep.solvers import RECOMMENDED_SCHEDULE, SOLVERS
+
+    assert set(RECOMMENDED_SCHEDULE) == set(SOLVERS)
+    spec = SolverSpec.parse("amed")
+    assert (spec.schedule, spec.rho) == ("time_uniform", 1.0)
+    x = fewstep.sample(GMM.denoiser, NOISE, "amed", num_steps=4)  # no schedule: the recommended one
+    assert x.shape == NOISE.shape and torch.isfinite(x).all()

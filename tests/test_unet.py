@@ -158,7 +158,8 @@ def test_tiny_training_resumes_identically(tmp_path) -> None:
     assert not part["finished"] and not (tmp_path / "b" / "digits_unet.safetensors").exists()
     train_unet(tmp_path / "b", cfg, progress=False)  # resumes at iteration 2
     _assert_same(_ckpt_states(tmp_path / "a"), _ckpt_states(tmp_path / "b"))
-    wa, wb = load_file(str(tmp_path / "a" / "digits_unet.safetensors")), load_file(str(tmp_path / "b" / "digits_unet.safetensors"))
+    wa = load_file(str(tmp_path / "a" / "digits_unet.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "digits_unet.safetensors"))
     _assert_same(wa, wb)
     load_unet(tmp_path / "a" / "digits_unet.safetensors")  # the export loads
 

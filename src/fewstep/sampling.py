@@ -101,8 +101,9 @@ def run_sample_job(job: SampleJob) -> int:
                 raise FewstepError(f"{solver} cannot use exactly {job.nfe} NFE" + ("" if afs else "; try --afs"))
         if steps is None:
             raise FewstepError("give --nfe or --num-steps")
-        name, rho = (job.schedule, job.rho) if job.schedule else RECOMMENDED_SCHEDULE.get(solver, ("polynomial", 7.0))
-        sched = get_schedule(name, steps, model.sigma_min, model.sigma_max, rho=job.rho if job.rho is not None else rho)
+        name, rho = (job.schedule, job.rho) if job.schedule else RECOMMENDED_SCHEDULE[solver]
+        sched = get_schedule(name, steps, model.sigma_min, model.sigma_max, rho=job.rho if job.rho is not None else rho,
+                             model=model)  # discrete / ays schedules read the model
     out = Path(job.out)
     rank, world = distributed.world()
     todo = [s for s in seeds[rank::world] if not (out / f"{s:06d}.png").exists()]

@@ -37,9 +37,7 @@ class SolverSpec:
         head, _, sched = text.partition("@")
         name, _, opts = head.partition(":")
         options = parse_options(opts.split(","))
-        if name not in RECOMMENDED_SCHEDULE:
-            get_solver(name)  # raises the standard unknown-solver error
-        get_solver(name, **options)  # validate the options now, not halfway through a benchmark
+        get_solver(name, **options)  # validate name and options now, not halfway through a benchmark
         default_sched, default_rho = RECOMMENDED_SCHEDULE[name]
         sched_name, _, rho = sched.partition(":")
         if sched_name in ("gits", "ays"):  # 'gits' (searched per NFE for the model), 'gits:FILE', 'ays:TABLE'

@@ -28,6 +28,7 @@ RECOMMENDED_SCHEDULE: dict[str, tuple[str, float | None]] = {
     "deis": ("time_uniform", 2.0),
     "dpmpp": ("logsnr", None),
     "unipc": ("logsnr", None),
+    "amed": ("time_uniform", 1.0),  # SPEC §5's AMED-Solver recipe
 }
 
 
