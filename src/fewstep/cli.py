@@ -93,10 +93,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = run_bench(model, specs, args.nfe, n_samples=args.n,
                         first_seed=args.first_seed, afs=args.afs, progress=not args.no_progress,
                         predictors=args.predictor, extra_metrics=bench_extra_metrics(args, model))
-    header, rows = table_rows(records, sorted(set(args.nfe) | {r["nfe"] for r in records}))
+    nfes = sorted(set(args.nfe) | {r["nfe"] for r in records})  # predictors may add their own NFE
+    header, rows = table_rows(records, nfes)
     _print_table(header, rows, f"RMSE to the reference solution — {args.model}, {args.n} samples"
                  + (", AFS" if args.afs else "") + " (* best per NFE)")
-    bench_report(args, records, sorted(set(args.nfe) | {r["nfe"] for r in records}), _print_table)
+    bench_report(args, records, nfes, _print_table)
     console.print(f"[dim]{time.perf_counter() - start:.1f} s[/dim]")
     if args.json:
         write_json(args.json, records)
