@@ -3,11 +3,12 @@
 from . import models
 from .errors import DenoiserError, FewstepError, ModelError, ScheduleError, SolverError
 from .schedules import check_schedule, get_schedule
+from .learned import load_solver
 from .solvers import SOLVERS, nfe, num_steps_for_nfe, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SOLVERS", "DenoiserError", "FewstepError", "ModelError", "ScheduleError", "SolverError",
-    "check_schedule", "get_schedule", "models", "nfe", "num_steps_for_nfe", "sample",
+    "check_schedule", "get_schedule", "load_solver", "models", "nfe", "num_steps_for_nfe", "sample",
 ]

@@ -54,3 +54,19 @@ def sum_scalar(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t)
+
+
+def gather_shards(shard: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble a tensor sharded as rows[rank::world] (rank r holds rows r, r + world, …) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return shard
+    world_size = dist.get_world_size()
+    longest = -(-total // world_size)
+    padded = torch.zeros(longest, *shard.shape[1:], dtype=shard.dtype)
+    padded[: len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(total, *shard.shape[1:], dtype=shard.dtype)
+    for r, part in enumerate(parts):
+        out[r::world_size] = part[: len(range(r, total, world_size))]
+    return out

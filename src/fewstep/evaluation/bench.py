@@ -90,14 +90,18 @@ def run_bench(
     progress: bool = True,
     predictors: Sequence[str | Path] = (),
     extra_metrics: Callable[[Any], dict[str, Any]] | None = None,
+    learned: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
-    """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), and of
-    each AMED predictor checkpoint at its own NFE — all from the same noise against the same reference.
-    `extra_metrics(samples)` adds its columns to each record (e.g. `fid.bench_fd_metric`: an FD score)."""
+    """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), of
+    each AMED predictor checkpoint and of each learned solver card at its own NFE — all from the same noise
+    against the same reference. `extra_metrics(samples)` adds its columns to each record (e.g.
+    `fid.bench_fd_metric`: an FD score)."""
     from ..amed.checkpoint import load_checkpoint, sample_checkpoint
+    from ..learned import load_card
 
     seeds = list(range(first_seed, first_seed + n_samples))
     loaded = [(str(p), *load_checkpoint(p, model)) for p in predictors]  # fail early on a bad checkpoint
+    cards = [(str(p), load_card(p, model)) for p in learned]
     ref = reference_solution(model, seeds, progress=progress)
     noise = seeded_noise(seeds, model.shape)
     records = []
@@ -123,7 +127,42 @@ def run_bench(
             "afs": settings.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "predictor": path,
             **(extra_metrics(x) if extra_metrics else {}),
         })
+    for path, card in cards:
+        start = time.perf_counter()
+        x = sample(model.denoiser, noise, card.solver())
+        records.append({
+            "solver": card.label, "nfe": card.nfe, "num_steps": card.num_steps, "schedule": "learned",
+            "afs": card.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "learned": True,
+            "card": path, **(extra_metrics(x) if extra_metrics else {}),
+        })
     return records
+
+
+# The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.
+BEST_CLASSIC_SCHEDULES = ("polynomial:5", "polynomial:7", "logsnr", "time_uniform:1", "time_uniform:2")
+
+
+def run_best_classic(model: ModelInfo, nfes: Sequence[int], n_samples: int = 512, first_seed: int = 0,
+                     progress: bool = True, solvers: Sequence[str] = DEFAULT_SOLVERS,
+                     extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every classic solver × BEST_CLASSIC_SCHEDULES × AFS off/on at each NFE; the best record per NFE gets
+    `"best_classic": true` (see `best_per_nfe`)."""
+    specs = expand_schedules([SolverSpec.parse(s) for s in solvers], BEST_CLASSIC_SCHEDULES)
+    records = [r for afs in (False, True)
+               for r in run_bench(model, specs, nfes, n_samples, first_seed, afs, progress,
+                                  extra_metrics=extra_metrics)]
+    for r in best_per_nfe(records).values():
+        r["best_classic"] = True
+    return records
+
+
+def best_per_nfe(records: Sequence[dict[str, Any]], metric: str = "rmse") -> dict[int, dict[str, Any]]:
+    """The record with the lowest `metric` at each NFE."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["nfe"] not in best or r[metric] < best[r["nfe"]][metric]:
+            best[r["nfe"]] = r
+    return best
 
 
 
@@ -171,10 +210,12 @@ def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],
     header = ["solver", "schedule", *[f"NFE {n}" for n in nfes]]
     best = {n: min((r[metric] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
     rows: dict[tuple[str, str], list[str]] = {}
+    mixed_afs = len({r["afs"] for r in records}) > 1  # label the AFS rows only when both kinds are present
     for r in records:
         if r["nfe"] not in nfes:
             continue
-        row = rows.setdefault((r["solver"], r["schedule"]), ["–"] * len(nfes))
+        label = r["solver"] + (" +AFS" if mixed_afs and r["afs"] and not r.get("learned") else "")
+        row = rows.setdefault((label, r["schedule"]), ["–"] * len(nfes))
         mark = "*" if r[metric] == best[r["nfe"]] else ""
         row[list(nfes).index(r["nfe"])] = f"{r[metric]:.4f}{mark}"
     return header, [[s, sch, *cells] for (s, sch), cells in rows.items()]

@@ -7,29 +7,34 @@ predictor–corrector solvers refine the arrived state with that evaluation (whi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import SolverError
-from ..schedules import check_schedule, get_schedule
+from ..schedules import check_schedule
 from . import exponential, multistep, single  # noqa: F401  (register the solvers)
 from .base import SOLVERS, Control, Denoiser, Evaluator, Node, Solver, StepInfo, afs_node, get_solver
 
-# Recommended schedule per solver (SPEC §8 / the bench): (name, rho)
-RECOMMENDED_SCHEDULE: dict[str, tuple[str, float | None]] = {
-    "euler": ("polynomial", 7.0),
-    "heun": ("polynomial", 7.0),
-    "dpm2": ("polynomial", 7.0),
-    "ipndm": ("polynomial", 7.0),
-    "ipndm_v": ("polynomial", 7.0),
-    "deis": ("time_uniform", 2.0),
-    "dpmpp": ("logsnr", None),
-    "unipc": ("logsnr", None),
-    "amed": ("time_uniform", 1.0),  # SPEC §5's AMED-Solver recipe
-}
+
+
+class _RecommendedSchedules(Mapping):
+    """Read-only view name → (schedule, ρ) of every registered solver's `recommended_schedule` class attribute
+    (the policy lives on the solver class; this view serves callers that only have a name)."""
+
+    def __getitem__(self, name: str) -> tuple[str, float | None]:
+        return SOLVERS[name].recommended_schedule
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SOLVERS)
+
+    def __len__(self) -> int:
+        return len(SOLVERS)
+
+
+RECOMMENDED_SCHEDULE = _RecommendedSchedules()
 
 
 def _evals_per_interval(solver: str, amed: bool, options: dict[str, Any]) -> int:
@@ -66,11 +71,11 @@ def _solver_dtype(noise: torch.Tensor) -> torch.dtype:
 def sample(
     denoiser: Denoiser,
     noise: torch.Tensor,
-    solver: str = "euler",
+    solver: str | Solver = "euler",
     schedule: torch.Tensor | None = None,
     *,
     num_steps: int | None = None,
-    afs: bool = False,
+    afs: bool | None = None,
     denoise_to_zero: bool = False,
     return_trajectory: bool = False,
     thresholding: bool = False,
@@ -83,19 +88,24 @@ def sample(
     """Solve the probability-flow ODE from x_T = schedule[0]·noise down to schedule[-1].
 
     `denoiser(x, sigma)` returns E[x₀|x] (sigma is a [B] tensor); `noise` is N(0, I) of shape [B, …].
-    Without `schedule`, the solver's recommended schedule with `num_steps` points is used.
+    Without `schedule`, the solver's recommended schedule with `num_steps` points is used. `solver` is a name
+    (with `options`) or a Solver instance, e.g. a learned card from `fewstep.load_solver(DIR)`, which brings its
+    own grid and AFS setting.
     Returns the state at σ_min (or D(x, σ_min) with `denoise_to_zero`), or with `return_trajectory` a tensor
     [N, *noise.shape] of the state at every grid point (its last entry is what would be returned otherwise,
     the denoised output when `denoise_to_zero`). `options` are the solver's own (see `fewstep solvers`).
     With an AMED `predictor`, every interval runs as the AMED-Plugin of `solver` (AMED-Solver for "amed");
     its features come from the `bottleneck` module's output (forward hook) or, without one, from D.
     """
-    algo = get_solver(solver, **options)
+    if isinstance(solver, Solver):
+        if options:
+            raise SolverError(f"options {sorted(options)} given with a solver instance; set them on the instance")
+        algo = solver
+    else:
+        algo = get_solver(solver, **options)
+    afs = algo.resolve_afs(afs)
     if schedule is None:
-        if num_steps is None:
-            raise SolverError("give a schedule or num_steps")
-        name, rho = RECOMMENDED_SCHEDULE[solver]
-        schedule = get_schedule(name, num_steps, rho=rho)
+        schedule = algo.default_schedule(num_steps)
     sigmas = check_schedule(schedule)
     if num_steps is not None and num_steps != len(sigmas):
         raise SolverError(f"num_steps={num_steps} but the schedule has {len(sigmas)} points")
@@ -141,14 +151,14 @@ def integrate(
     """
     n_int = len(sigmas) - 1
     t = [sigmas[i : i + 1] for i in range(len(sigmas))]
-    lo, hi = float(sigmas[-1]), float(sigmas[0])
-    hist: list[Node] = [afs_node(x, t[0]) if afs else ev(x, t[0], 0)]
+    lo, hi = float(sigmas[-1].detach()), float(sigmas[0].detach())
+    hist: list[Node] = [afs_node(x, t[0]) if afs else ev(x, t[0], 0, model_sigma=algo.eval_sigma(t[0], 0))]
     for i in tqdm(range(n_int), disable=not progress, desc=algo.name, leave=False):
         control = controller(hist[-1], t[i], t[i + 1]) if controller is not None else None
         sub = algo.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, lo, hi), ev, control)
         x, hist = sub.x_next, sub.hist
         if i + 1 < n_int:  # evaluate the arrived state (every point but the last), maybe correct it
-            hist = [*hist[-algo.history :], ev(x, t[i + 1], i + 1)]
+            hist = [*hist[-algo.history :], ev(x, t[i + 1], i + 1, model_sigma=algo.eval_sigma(t[i + 1], i + 1))]
             x = algo.correct(sub.x_prev, x, hist, sub.info, sub.scale)
         if trajectory is not None:
             trajectory.append(x)

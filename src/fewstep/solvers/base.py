@@ -159,6 +159,7 @@ class Solver:
     history: ClassVar[int] = 1  # how many newest nodes `step` reads
     corrects: ClassVar[bool] = False  # True when `correct` refines the state after its node evaluation
     summary: ClassVar[str] = ""
+    recommended_schedule: ClassVar[tuple[str, float | None]] = ("polynomial", 7.0)  # (name, ρ; None: its default)
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)
@@ -167,6 +168,26 @@ class Solver:
             raise SolverError(f"{self.name}: unknown option(s) {sorted(unknown)}; options: {known}")
         for key, opt in self.options.items():
             setattr(self, key, opt.validate(self.name, key, opts.get(key, opt.default)))
+
+    def default_schedule(self, num_steps: int | None, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                         model: Any = None) -> torch.Tensor:
+        """The grid this solver runs on when the caller gives none: its `recommended_schedule` with `num_steps`
+        points (a learned card returns its own grid). `model` serves model-based schedules (`discrete`)."""
+        from ..schedules import get_schedule  # lazy: schedules → gits → solvers
+
+        if num_steps is None:
+            raise SolverError("give a schedule or num_steps")
+        name, rho = self.recommended_schedule
+        return get_schedule(name, num_steps, sigma_min, sigma_max, rho=rho, model=model)
+
+    def resolve_afs(self, afs: bool | None) -> bool:
+        """The AFS setting of a run: the caller's (default off); a learned card fixes its own."""
+        return bool(afs)
+
+    def eval_sigma(self, sigma: torch.Tensor, index: int) -> torch.Tensor | None:
+        """The σ at which the driver calls the model for grid point `index` (None: σ itself). A learned card's
+        evaluation offsets ξ move it to σ·exp(ξ) while the update still uses σ (docs/maths.md, learned solvers)."""
+        return None
 
     def step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
              ev: Evaluator, scale: torch.Tensor | float = 1.0) -> torch.Tensor:

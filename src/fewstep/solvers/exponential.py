@@ -21,6 +21,7 @@ def lam(sigma: torch.Tensor) -> torch.Tensor:
 
 
 class _Exponential(Solver):
+    recommended_schedule = ("logsnr", None)
     options = {
         "max_order": order_option(3),
         "predict_x0": Option(True, choices=(True, False), help="data prediction (DPM-Solver++) or noise prediction"),

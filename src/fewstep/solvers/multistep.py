@@ -50,6 +50,7 @@ class IPNDMv(_LinearMultistep):
 @register
 class DEIS(_LinearMultistep):
     name = "deis"
+    recommended_schedule = ("time_uniform", 2.0)
     summary = "DEIS exponential-integrator multistep: tAB (Lagrange in VP time) or ρAB (in σ), orders 1–4"
     options = {
         "max_order": order_option(4),

@@ -81,6 +81,7 @@ class DPMSolver2(_TwoStage):
 @register
 class AMEDSolver(_TwoStage):
     name = "amed"
+    recommended_schedule = ("time_uniform", 1.0)  # the paper's AMED-Solver recipe
     summary = "AMED-Solver: one learned mean direction per step (needs a predictor; r=½ without one), 2 NFE"
     options = {"r": Option(0.5, low=1e-3, high=1.0, help="intermediate ratio when no predictor is given")}
     mean_direction = True

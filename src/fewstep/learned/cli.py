@@ -1,0 +1,169 @@
+"""`fewstep learn` (fit a solver card; `learn export DIR --sigmas` prints its grid) and `fewstep tune` (fit the
+card families for several NFEs and keep the best on validation pairs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import FewstepError
+from .card import PARAMETER_FAMILIES, load_card
+from .solver import BASES
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    from ..evaluation.bench import parse_options
+
+    return parse_options(items)
+
+
+def _params(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARAMETER_FAMILIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown parameter families {bad}; choose from {', '.join(PARAMETER_FAMILIES)}")
+    return parts
+
+
+def _conditions(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The condition distribution of a conditional model (recorded in the card) and the per-seed binder."""
+    try:
+        from ..conditioning import bind_for_seeds, spec_from_args
+    except ImportError:  # conditioning not available: unconditional only
+        return None, None
+    spec = spec_from_args(args, model)
+    if spec is None:
+        return None, None
+    return spec.to_json(), bind_for_seeds(model, spec)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        return cmd_export(args)
+    if args.action is not None or args.card is not None:
+        raise FewstepError("learn: the only sub-action is `fewstep learn export DIR --sigmas`")
+    if not args.out:
+        raise FewstepError("learn: --out DIR is required (the card folder)")
+    from ..models import load_model
+    from .train import LearnConfig, learn
+
+    model = load_model(args.model)
+    conditions, bind = _conditions(args, model)
+    cfg = LearnConfig(base=args.base, base_options=_options(args.base_opt), nfe=args.nfe, afs=args.afs,
+                      params=args.params, init_schedule=args.init_schedule or "", window=args.window, loss=args.loss,
+                      soft_radius=args.soft_radius, teacher=args.teacher, teacher_options=_options(args.teacher_opt),
+                      teacher_steps=args.teacher_steps, pairs=args.pairs, val_pairs=args.val_pairs, iters=args.iters,
+                      batch=args.batch, lr=args.lr, seed=args.seed, conditions=conditions)
+    card = learn(model, cfg, out=args.out, progress=not args.no_progress, bind=bind)
+    t = card.training
+    _console().print(f"{escape(card.label)} on {escape(model.name)}: NFE {card.nfe}, validation RMSE "
+                     f"{t['val_rmse_initial']:.4g} → {t['val_rmse']:.4g} (train {t['train_rmse']:.4g}) in "
+                     f"{t['seconds']:.1f} s; wrote {escape(str(args.out))}/card.json")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.card is None:
+        raise FewstepError("learn export: give the card folder, e.g. `fewstep learn export runs/card --sigmas`")
+    card = load_card(args.card)
+    if args.sigmas:
+        print(json.dumps(card.sigmas))
+    else:
+        print(json.dumps({"format": 1, **card.__dict__}, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from .tune import tune
+
+    model = load_model(args.model)
+    conditions, bind = _conditions(args, model)
+    tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
+         conditions=conditions, bind=bind, log=_console().print)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_commands(sub: Any) -> None:
+    from ..models import BUILTIN_MODELS, DEFAULT_MODEL
+
+    models = ", ".join(BUILTIN_MODELS)
+    p = sub.add_parser(
+        "learn", help="fit a learned global solver card (time steps, offsets, weights, coefficients)",
+        description="Final-sample distillation of a solver card (docs/maths.md, 'Learned global solvers'): the base "
+                    "solver's grid, evaluation offsets and update corrections are fitted to a fine teacher on "
+                    "training seeds; validation seeds pick the state to keep. `fewstep learn export DIR --sigmas` "
+                    "prints a card's σ grid as JSON.")
+    p.add_argument("action", nargs="?", choices=["export"], help="export: print a card (or its σ grid)")
+    p.add_argument("card", nargs="?", help="the card folder (with export)")
+    p.add_argument("--sigmas", action="store_true", help="with export: print only the σ list")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
+    p.add_argument("--base", default="dpmpp", choices=BASES, help="base solver (default dpmpp)")
+    p.add_argument("--base-opt", action="append", default=[], metavar="K=V", help="base solver option, e.g. max_order=2")
+    p.add_argument("--nfe", type=int, default=5, help="model calls per sample (default 5)")
+    p.add_argument("--afs", action="store_true", help="analytical first step (one call fewer per interval count)")
+    p.add_argument("--params", type=_params, default=("steps", "offsets", "coeffs"),
+                   help=f"comma-separated families to learn from {','.join(PARAMETER_FAMILIES)} "
+                        "(default steps,offsets,coeffs)")
+    p.add_argument("--init-schedule", default=None, metavar="NAME[:RHO]",
+                   help="grid to start from (default: the base's recommended schedule), e.g. time_uniform:2")
+    p.add_argument("--window", type=int, default=3, help="history nodes per correction row K (default 3)")
+    p.add_argument("--loss", default="l2", choices=["l2", "l1"], help="final-sample loss (default l2)")
+    p.add_argument("--soft-radius", type=float, default=0.0,
+                   help="LD3 soft teacher: the student may start within r·sqrt(dim) of each training noise (0: off)")
+    p.add_argument("--teacher", default="auto",
+                   help="teacher solver on a polynomial rho 7 grid (default auto: Heun with 1000 points on analytic "
+                        "models, DEIS-tAB order 4 with 60 points on networks)")
+    p.add_argument("--teacher-opt", action="append", default=[], metavar="K=V", help="teacher solver option")
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="teacher grid points (default: 1000 for heun, 60 for the auto network teacher)")
+    p.add_argument("--pairs", type=int, default=512, help="training teacher pairs (default 512)")
+    p.add_argument("--val-pairs", type=int, default=128, help="validation teacher pairs (default 128)")
+    p.add_argument("--iters", type=int, default=300, help="Adam iterations (default 300)")
+    p.add_argument("--batch", type=int, default=64, help="pairs per iteration (default 64)")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate, cosine-decayed (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="training seed: selects the training pairs")
+    _condition_args(p)
+    p.add_argument("--out", default=None, help="card folder (resumes from its learn_state.pt)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("tune", help="fit card families per NFE within a time budget; keep the best on validation",
+                       description="For each NFE: the best classic solver over solvers × schedules × AFS on "
+                                   "validation pairs, then card families on the strongest bases, initialised from "
+                                   "the best classic grid; writes the cards, table.md/json and a plot.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
+    p.add_argument("--nfe", type=_int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds of training per NFE (default 600)")
+    p.add_argument("--n", type=int, default=None, help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
+    _condition_args(p)
+    p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_tune)
+
+
+def _condition_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from ..conditioning import add_condition_args
+    except ImportError:
+        return
+    add_condition_args(p)

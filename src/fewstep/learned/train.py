@@ -1,0 +1,377 @@
+"""Fitting a solver card by final-sample distillation (docs/maths.md, "Learned global solvers").
+
+Teacher pairs (z, x_teacher(z)) come from a fine solve on training seeds (disjoint from evaluation seeds 0, 1, …)
+and are cached on disk; validation pairs on other seeds select the state to keep. One iteration runs the card's
+whole N-step rollout through the driver (`fewstep.solvers.integrate`, the one sampling loop) on a batch of pairs,
+with the network frozen and gradients flowing through every model call to the card's parameters:
+
+    steps    θ ∈ ℝ^N: log σ_i = log σ_max + u_i·(log σ_min − log σ_max), u = [0, cumsum(softmax θ)]
+    offsets  ξ ∈ ℝ^N: the model is called at σ_i·exp(ξ_i)
+    weights  Δw ∈ ℝ^{N×K}, coeffs Δβ ∈ ℝ^{N×K}: additive corrections of the update (learned/solver.py)
+
+The loss is the mean over the batch of ‖x_N − x_teacher‖²/dim (`l2`), of its square root (`rmse`, the benchmark's
+metric) or of |x_N − x_teacher| (`l1`); with
+`soft_radius` r > 0 (LD3's soft teacher) the student starts from z + δ_p with a learned ‖δ_p‖ ≤ r·√dim per pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..errors import FewstepError
+from ..io import atomic_write
+from ..models.registry import ModelInfo
+from ..noise import seeded_noise
+from ..schedules import get_schedule
+from ..solvers import Evaluator, integrate, sample
+from ..solvers.base import Denoiser
+from .card import PARAMETER_FAMILIES, Card, save_card
+from .solver import BASES, LearnedSolver
+
+TRAIN_SEED_BASE = 3_000_000  # training pairs: seeds 3 000 000 + i; validation: 4 000 000 + i (evaluation: 0, 1, …)
+VAL_SEED_BASE = 4_000_000
+LOSSES = ("l2", "rmse", "l1")
+
+
+@dataclass
+class LearnConfig:
+    """Everything that defines a card's training (recorded in the card and checked on resume)."""
+
+    base: str = "dpmpp"
+    base_options: dict[str, Any] = field(default_factory=dict)
+    nfe: int = 5
+    afs: bool = True
+    params: tuple[str, ...] = ("steps", "offsets", "coeffs")
+    init_schedule: str = ""  # '' = the base's recommended schedule; else 'name' or 'name:rho'
+    window: int = 3  # K: history nodes each correction row reaches
+    loss: str = "l2"
+    soft_radius: float = 0.0
+    teacher: str = "auto"  # 'auto': see `teacher_setup`
+    teacher_options: dict[str, Any] = field(default_factory=dict)
+    teacher_steps: int = 0  # grid points of the teacher (polynomial ρ = 7); 0 = the teacher's default
+    pairs: int = 512
+    val_pairs: int = 128
+    iters: int = 300
+    batch: int = 64
+    lr: float = 0.02
+    seed: int = 0
+    conditions: dict[str, Any] | None = None  # condition distribution + guidance of a conditional model
+
+    def validate(self) -> None:
+        def bad(name: str, problem: str) -> FewstepError:
+            return FewstepError(f"learn: {name} {problem}")
+
+        if self.base not in BASES:
+            raise bad("--base", f"must be one of {', '.join(BASES)}, not {self.base!r}")
+        if not (isinstance(self.nfe, int) and 1 <= self.nfe <= 50):
+            raise bad("--nfe", f"must be an integer in 1…50, got {self.nfe!r}")
+        if self.num_intervals < 1:
+            raise bad("--nfe", "with --afs must be at least 1")
+        unknown = set(self.params) - set(PARAMETER_FAMILIES)
+        if unknown:
+            raise bad("--params", f"has unknown families {sorted(unknown)}; choose from {', '.join(PARAMETER_FAMILIES)}")
+        if self.loss not in LOSSES:
+            raise bad("--loss", f"must be one of {', '.join(LOSSES)}")
+        for name, v, low in (("--pairs", self.pairs, 1), ("--val-pairs", self.val_pairs, 1), ("--iters", self.iters, 0),
+                             ("--batch", self.batch, 1), ("--window", self.window, 1)):
+            if not isinstance(v, int) or v < low:
+                raise bad(name, f"must be an integer >= {low}, got {v!r}")
+        for name, v in (("--lr", self.lr), ("--soft-radius", self.soft_radius)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise bad(name, f"must be a finite number >= 0, got {v!r}")
+        if self.lr == 0 and self.iters:
+            raise bad("--lr", "must be positive")
+
+    @property
+    def num_intervals(self) -> int:
+        return self.nfe + int(self.afs)  # every base costs one call per interval
+
+
+class CardParameters(torch.nn.Module):
+    """The trainable numbers of a card; all zero-correction at initialisation (the card is then its base)."""
+
+    def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool):
+        super().__init__()
+        n = len(init_grid) - 1
+        log = init_grid.log()
+        self.log_max, self.log_min = float(log[0]), float(log[-1])
+        self.ends = (float(init_grid[0]), float(init_grid[-1]))
+        gaps = (log[:-1] - log[1:]) / (self.log_max - self.log_min)
+        self.families, self.afs = tuple(families), afs
+        self.theta = torch.nn.Parameter(gaps.log(), requires_grad="steps" in families)
+        self.xi = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64), requires_grad="offsets" in families)
+        k = min(window, n)
+        self.dw = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
+        self.db = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "coeffs" in families else None
+        # interval i has nodes 0…i: entry j of row i needs j ≤ i; AFS's first point is never evaluated
+        self.register_buffer("history_mask", (torch.arange(k)[None, :] <= torch.arange(n)[:, None]).double())
+        self.register_buffer("offset_mask", torch.ones(n, dtype=torch.float64).index_fill(0, torch.tensor([0]),
+                                                                                              0.0 if afs else 1.0))
+
+    def grid(self) -> torch.Tensor:
+        u = torch.cat([self.theta.new_zeros(1), torch.cumsum(torch.softmax(self.theta, 0), 0)])
+        log_sigma = self.log_max + u * (self.log_min - self.log_max)
+        grid = log_sigma.exp()
+        # pin the endpoints exactly (the cumulative sum ends at 1 only up to rounding)
+        return torch.cat([grid.new_tensor(self.ends[:1]), grid[1:-1], grid.new_tensor(self.ends[1:])])
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "grid": self.grid(),
+            "offsets": self.xi * self.offset_mask,
+            "weights": None if self.dw is None else self.dw * self.history_mask,
+            "coeffs": None if self.db is None else self.db * self.history_mask,
+        }
+
+    def solver(self, base: str, base_options: dict[str, Any]) -> LearnedSolver:
+        t = self.tensors()
+        return LearnedSolver(base, base_options, t["grid"], self.afs, t["offsets"], t["weights"], t["coeffs"])
+
+
+def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
+    """The grid training starts from: `init_schedule` ('name' or 'name:rho'), else the base's recommended one."""
+    from ..solvers import RECOMMENDED_SCHEDULE
+
+    name, rho = RECOMMENDED_SCHEDULE[cfg.base]
+    if cfg.init_schedule:
+        name, _, r = cfg.init_schedule.partition(":")
+        try:
+            rho = float(r) if r else None
+        except ValueError:
+            raise FewstepError(f"learn: --init-schedule {cfg.init_schedule!r}: rho must be a number") from None
+    return get_schedule(name, cfg.num_intervals + 1, model.sigma_min, model.sigma_max, rho=rho, model=model)
+
+
+def teacher_setup(model: ModelInfo, cfg: LearnConfig) -> tuple[str, dict[str, Any], int]:
+    """(solver, options, grid points) of the teacher. 'auto': the benchmark's reference solver (Heun, 1 000 points)
+    on analytic models; DEIS-tAB order 4 with 60 points on networks (RMSE 3e-4 to the 500-point Heun reference
+    on `digits`, at 1/17 of its cost)."""
+    from ..evaluation.reference import REFERENCE_SOLVER, REFERENCE_STEPS
+
+    if cfg.teacher != "auto":
+        return cfg.teacher, dict(cfg.teacher_options), cfg.teacher_steps or REFERENCE_STEPS
+    if model.exact:
+        return REFERENCE_SOLVER, dict(cfg.teacher_options), cfg.teacher_steps or REFERENCE_STEPS
+    return "deis", {"max_order": 4, **cfg.teacher_options}, cfg.teacher_steps or 60
+
+
+def teacher_pairs(model: ModelInfo, seeds: list[int], cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
+                  batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """x_teacher for each seed (float64, cached on disk by model, seeds, teacher and conditions); the expensive
+    part on a network, computed once and shared by every card of that model. Under torchrun the seeds are
+    sharded across ranks and gathered."""
+    from ..evaluation.reference import cache_dir
+
+    teacher, options, steps = teacher_setup(model, cfg)
+    ident = repr((model.name, model.fingerprint, seeds, teacher, sorted(options.items()), steps, cfg.conditions))
+    path = cache_dir() / f"pairs-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["x"]
+        except Exception:  # unreadable cache: recompute
+            pass
+    rank, world = distributed.world()
+    sched = get_schedule("polynomial", steps, model.sigma_min, model.sigma_max, rho=7.0)
+    mine = seeds[rank::world]
+    parts = []
+    for i in tqdm(range(0, len(mine), batch), desc="teacher pairs", disable=not progress or rank > 0, leave=False):
+        chunk = mine[i : i + batch]
+        with torch.no_grad():
+            parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape), teacher, sched,
+                                **options).to(torch.float64))
+    x = torch.cat(parts) if parts else torch.zeros(0, *model.shape, dtype=torch.float64)
+    if world > 1:
+        x = distributed.gather_shards(x, len(seeds))
+    if rank == 0:
+        atomic_write(path, lambda tmp: save_file({"x": x.contiguous()}, tmp))
+    return x
+
+
+def rollout(params: CardParameters, cfg: LearnConfig, denoiser: Denoiser, noise: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """x_N of the card on `noise` through the driver (gradients flow to `params` and through the model)."""
+    solver = params.solver(cfg.base, cfg.base_options)
+    grid = solver.grid
+    x = noise.to(dtype) * grid[0].to(dtype)
+    return integrate(solver, Evaluator(denoiser), x, grid, afs=cfg.afs)
+
+
+def sample_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMSE (the benchmark's metric) [B]."""
+    return (x.to(torch.float64) - target).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
+
+
+def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, progress: bool = True,
+          bind: Callable[[list[int]], Denoiser] | None = None, time_limit: float | None = None) -> Card:
+    """Fit a card; with `out`, write `card.json` there (and resume from `out/learn_state.pt`).
+
+    `bind(seeds)` returns the denoiser for a batch of seeds (a conditional model binds each seed's condition);
+    by default the model's own denoiser. Checkpoints every 25 iterations and on Ctrl-C/SIGTERM. With
+    `time_limit` (seconds, teacher pairs excluded) training stops early and keeps the best validated state.
+    """
+    cfg.validate()
+    bind = bind or (lambda seeds: model.denoiser)
+    rank, world = distributed.world()
+    if world > 1 and cfg.soft_radius > 0:
+        raise FewstepError("learn: --soft-radius is single-process only (its per-pair offsets live on one rank)")
+    dtype = torch.float64 if model.exact else torch.float32
+    train_seeds = list(range(TRAIN_SEED_BASE + cfg.seed * 100_000, TRAIN_SEED_BASE + cfg.seed * 100_000 + cfg.pairs))
+    val_seeds = list(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_pairs))
+    began = time.perf_counter()
+    targets = teacher_pairs(model, train_seeds, cfg, bind, progress=progress)
+    val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress)
+    teacher_seconds = time.perf_counter() - began
+    torch.manual_seed(cfg.seed)
+    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs)
+    dim = math.prod(model.shape)
+    delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, requires_grad=cfg.soft_radius > 0)
+    trainable = [p for p in params.parameters() if p.requires_grad] + ([delta] if cfg.soft_radius > 0 else [])
+    opt = torch.optim.Adam(trainable, lr=cfg.lr) if trainable else None
+    identity = {"name": model.name, "shape": list(model.shape), "fingerprint": model.fingerprint,
+                "sigma_min": model.sigma_min, "sigma_max": model.sigma_max}
+
+    def validation() -> float:
+        with torch.no_grad():
+            errs = [sample_error(rollout(params, cfg, bind(val_seeds[i : i + 256]),
+                                         seeded_noise(val_seeds[i : i + 256], model.shape), dtype),
+                                 val_targets[i : i + 256]) for i in range(0, len(val_seeds), 256)]
+        return float(torch.cat(errs).mean())
+
+    state_path = Path(out) / "learn_state.pt" if out is not None else None
+    start, history = 0, {"train": [], "val": []}
+    best = {"val": validation(), "state": _snapshot(params), "iteration": 0}
+    initial_val = best["val"]
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state.get("config") != asdict(cfg) or state.get("model") != identity:
+            raise FewstepError(f"{state_path} belongs to another training configuration or model; use another --out "
+                               "or delete it")
+        params.load_state_dict(state["params"])
+        delta.data.copy_(state["delta"])
+        opt.load_state_dict(state["optimizer"])
+        start, history, best, initial_val = state["iteration"], state["history"], state["best"], state["initial_val"]
+
+    def save_state(iteration: int) -> None:
+        if state_path is not None and rank == 0:
+            snap = {"config": asdict(cfg), "model": identity, "params": params.state_dict(), "delta": delta.detach(),
+                    "optimizer": opt.state_dict() if opt else None, "iteration": iteration, "history": history,
+                    "best": best, "initial_val": initial_val}
+            atomic_write(state_path, lambda tmp: torch.save(snap, tmp))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(it, cfg.iters) / max(cfg.iters, 1)))
+    ) if opt else None
+    if schedule is not None:
+        for _ in range(start):
+            schedule.step()
+    per_epoch = max(1, cfg.pairs // cfg.batch)
+    bar = tqdm(range(start, cfg.iters), desc=f"learn {cfg.base} NFE {cfg.nfe}", initial=start, total=cfg.iters,
+               disable=not progress or rank > 0)
+    completed = saved = start
+    stop_at = time.perf_counter() + time_limit if time_limit is not None else math.inf
+
+    def checkpoint() -> None:  # validate, keep the best state, save
+        nonlocal best, saved
+        val = validation()
+        history["val"].append((completed, val))
+        if val < best["val"]:
+            best = {"val": val, "state": _snapshot(params), "iteration": completed}
+        save_state(completed)
+        saved = completed
+
+    try:
+        for it in bar:
+            if time.perf_counter() > stop_at and completed > start:
+                break
+            epoch, k = divmod(it, per_epoch)
+            perm = torch.randperm(cfg.pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            idx = perm[k * cfg.batch : (k + 1) * cfg.batch]
+            mine = idx[rank::world]
+            seeds = [train_seeds[int(i)] for i in mine]
+            noise = seeded_noise(seeds, model.shape)
+            if cfg.soft_radius > 0:
+                noise = noise + delta[mine]
+            opt.zero_grad(set_to_none=True)
+            x = rollout(params, cfg, bind(seeds), noise, dtype)
+            diff = (x.to(torch.float64) - targets[mine]).reshape(len(mine), -1)
+            per_sample = _loss(diff, cfg.loss)
+            share = len(mine) / len(idx)
+            (per_sample.mean() * share).backward()
+            if world > 1:
+                distributed.average_gradients(params, 1.0)
+            for p in trainable:  # a non-finite gradient (a stiff region) must not poison the card
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            schedule.step()
+            if cfg.soft_radius > 0:
+                with torch.no_grad():  # project δ back onto its ball
+                    norm = delta.reshape(cfg.pairs, -1).norm(dim=1).clamp(min=1e-12)
+                    scale = (cfg.soft_radius * math.sqrt(dim) / norm).clamp(max=1.0)
+                    delta.mul_(scale.reshape(-1, *([1] * len(model.shape))))
+            history["train"].append(distributed.sum_scalar(float(sample_error(x.detach(), targets[mine]).mean()) * share))
+            completed = it + 1
+            if completed % 25 == 0 or completed == cfg.iters:
+                checkpoint()
+            bar.set_postfix(train=f"{history['train'][-1]:.4g}", val=f"{best['val']:.4g}")
+    except KeyboardInterrupt:
+        if completed > saved:
+            save_state(completed)
+        raise
+    if completed > saved:  # stopped by the time limit between validations
+        checkpoint()
+    params.load_state_dict(best["state"])
+    train_err = _mean_error(params, cfg, model, bind, train_seeds, targets, dtype)
+    t = params.tensors()
+    as_list = lambda v: None if v is None else v.detach().tolist()  # noqa: E731
+    card = Card(
+        base=cfg.base, base_options=dict(cfg.base_options), afs=cfg.afs, sigmas=as_list(t["grid"]),
+        offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),
+        params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
+        training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"], "val_rmse_initial": initial_val,
+                  "best_iteration": best["iteration"], "seconds": time.perf_counter() - began,
+                  "teacher_seconds": teacher_seconds, "val_curve": history["val"]}),
+    )
+    if out is not None and rank == 0:
+        save_card(out, card)
+    distributed.barrier()
+    return card
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as JSON will read it back (tuples become lists), so that a card round-trips equal."""
+    return json.loads(json.dumps(record))
+
+
+def _loss(diff: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss of the flattened final-state error [B, dim]: squared (`l2`), its root (`rmse`: the
+    benchmark's metric, less dominated by the few samples that land on another mode) or absolute (`l1`)."""
+    if kind == "l1":
+        return diff.abs().mean(1)
+    mse = diff.pow(2).mean(1)
+    return mse if kind == "l2" else (mse + 1e-20).sqrt()
+
+
+def _snapshot(params: CardParameters) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in params.state_dict().items()}
+
+
+def _mean_error(params: CardParameters, cfg: LearnConfig, model: ModelInfo, bind: Callable[[list[int]], Denoiser],
+                seeds: list[int], targets: torch.Tensor, dtype: torch.dtype) -> float:
+    with torch.no_grad():
+        errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + 256]), seeded_noise(seeds[i : i + 256],
+                                                                                        model.shape), dtype),
+                             targets[i : i + 256]) for i in range(0, len(seeds), 256)]
+    return float(torch.cat(errs).mean())

@@ -1,0 +1,130 @@
+"""`fewstep tune`: per NFE, fit the card families within a time budget and keep the best on validation pairs.
+
+For each NFE the starting grid of each base is the schedule (of BEST_CLASSIC_SCHEDULES) on which that base is
+best on the *validation* pairs, so no test seed takes part in any choice. The chosen card is then measured on the
+test seeds beside the best classic solver over solvers × schedules × AFS (`evaluation.bench.run_best_classic`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_best_classic, run_bench
+from ..io import write_json, write_text
+from ..models.registry import ModelInfo
+from ..noise import seeded_noise
+from ..schedules import get_schedule
+from ..solvers import sample
+from ..solvers.base import Denoiser
+from .card import Card, save_card
+from .train import VAL_SEED_BASE, LearnConfig, learn, sample_error, teacher_pairs
+
+
+@dataclass(frozen=True)
+class Family:
+    """One candidate: a base solver and the parameter families learned on it."""
+
+    base: str
+    params: tuple[str, ...]
+
+
+# In order of what measured best here (README, "Learned solvers"); tune tries them while its budget lasts.
+FAMILIES = (
+    Family("unipc", ("steps", "offsets", "coeffs", "weights")),
+    Family("dpmpp", ("steps", "offsets", "coeffs", "weights")),
+    Family("deis", ("steps", "offsets", "weights")),
+    Family("ipndm", ("steps", "offsets", "weights")),
+)
+
+
+def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
+                       targets: torch.Tensor, seeds: list[int]) -> tuple[str, float]:
+    """The BEST_CLASSIC_SCHEDULES entry on which `base` (with AFS) has the lowest validation RMSE."""
+    noise = seeded_noise(seeds, model.shape)
+    scores = []
+    for text in BEST_CLASSIC_SCHEDULES:
+        name, _, rho = text.partition(":")
+        grid = get_schedule(name, nfe + 2, model.sigma_min, model.sigma_max, rho=float(rho) if rho else None)
+        with torch.no_grad():
+            x = sample(bind(seeds), noise, base, grid, afs=True)
+        scores.append((float(sample_error(x, targets).mean()), text))
+    err, text = min(scores)
+    return text, err
+
+
+def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 600.0, n_test: int | None = None,
+         progress: bool = True, conditions: dict[str, Any] | None = None,
+         bind: Callable[[list[int]], Denoiser] | None = None, log: Callable[[str], None] = print,
+         families: tuple[Family, ...] = FAMILIES, base_config: LearnConfig | None = None) -> list[dict[str, Any]]:
+    """Fit `families` per NFE within `budget_s` seconds each; write every card, the best per NFE under
+    `out/nfe{N}/best`, and `table.md`, `table.json`, `error_vs_nfe.png` in `out`. Returns the table rows."""
+    out = Path(out)
+    bind = bind or (lambda seeds: model.denoiser)
+    n_test = n_test or (512 if model.exact else 64)
+    base_cfg = base_config or LearnConfig(pairs=512 if model.exact else 384, iters=400 if model.exact else 200,
+                                          lr=0.01, loss="rmse", window=3)
+    rows = []
+    for nfe in nfes:
+        began = time.perf_counter()
+        cfg0 = replace(base_cfg, nfe=nfe, afs=True, conditions=conditions)
+        val_seeds = list(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg0.val_pairs))
+        val_targets = teacher_pairs(model, val_seeds, cfg0, bind, progress=progress)
+        tried: list[tuple[float, Card, Path]] = []
+        for family in families:
+            spent = time.perf_counter() - began
+            if tried and spent > budget_s:
+                break
+            init, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds)
+            cfg = replace(cfg0, base=family.base, params=family.params, init_schedule=init)
+            folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(family.params)}"
+            card = learn(model, cfg, folder, progress=progress, bind=bind, time_limit=max(budget_s - spent, 1.0))
+            log(f"NFE {nfe}: {card.label} from {init} (val {init_err:.4f}) → val {card.training['val_rmse']:.4f}")
+            tried.append((card.training["val_rmse"], card, folder))
+        val, best, folder = min(tried, key=lambda t: t[0])
+        save_card(out / f"nfe{nfe}" / "best", best)
+        records = run_best_classic(model, [nfe], n_test, progress=progress)
+        classic = best_per_nfe(records)[nfe]
+        learned = run_bench(model, [], [nfe], n_test, progress=progress, learned=[out / f"nfe{nfe}" / "best"])[0]
+        rows.append({
+            "nfe": nfe, "best_classic": f"{classic['solver']} @ {classic['schedule']}" + (" +AFS" if classic["afs"]
+                                                                                         else ""),
+            "best_classic_rmse": classic["rmse"], "learned": best.label, "learned_rmse": learned["rmse"],
+            "ratio": learned["rmse"] / classic["rmse"], "train_rmse": best.training["train_rmse"],
+            "val_rmse": val, "seconds": time.perf_counter() - began,
+        })
+        log(f"NFE {nfe}: {best.label} test {learned['rmse']:.4f} vs best classic {classic['rmse']:.4f} "
+            f"({rows[-1]['best_classic']}): ratio {rows[-1]['ratio']:.2f}")
+    write_json(out / "table.json", rows)
+    header = ["NFE", "best classic", "RMSE", "learned card", "train", "val", "test", "ratio"]
+    body = [[str(r["nfe"]), r["best_classic"], f"{r['best_classic_rmse']:.4f}", r["learned"], f"{r['train_rmse']:.4f}",
+             f"{r['val_rmse']:.4f}", f"{r['learned_rmse']:.4f}", f"{r['ratio']:.2f}"] for r in rows]
+    write_text(out / "table.md", markdown_table(header, body))
+    _plot(rows, out / "error_vs_nfe.png", model.name)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    nfes = [r["nfe"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(nfes, [r["best_classic_rmse"] for r in rows], "o-", color="tab:blue", label="best classic")
+    ax.plot(nfes, [r["learned_rmse"] for r in rows], "s-", color="tab:red", label="learned card")
+    ax.set(xlabel="NFE", ylabel="RMSE to reference", yscale="log", title=f"{title}: learned vs best classic")
+    ax.set_xticks(nfes)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -1,0 +1,177 @@
+"""Learned global solvers: zero corrections are the base solver, NFE is counted, cards round-trip and are
+validated, training lowers the validation error, and a card works wherever a solver goes."""
+
+import json
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.cli import main
+from fewstep.learned import BASES, Card, CardError, LearnedSolver, load_card, load_solver, save_card
+from fewstep.learned.train import CardParameters, LearnConfig, init_grid, learn, rollout
+from fewstep.models import load_model
+from fewstep.noise import seeded_noise
+from fewstep.schedules import get_schedule
+from fewstep.solvers import Evaluator, integrate
+
+GMM = load_model("gmm")
+
+
+def _card(base: str = "dpmpp", afs: bool = True, n: int = 5, **extra) -> Card:
+    grid = get_schedule("logsnr", n + 1, GMM.sigma_min, GMM.sigma_max).tolist()
+    ident = {"name": "gmm", "shape": list(GMM.shape), "fingerprint": GMM.fingerprint}
+    return Card(base=base, base_options={}, afs=afs, sigmas=grid, offsets=[0.0] * n, model=ident, **extra)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("afs", [False, True])
+def test_zero_corrections_are_the_base_solver_bit_exact(base, afs):
+    n = 5
+    zeros = [[0.0] * 3 for _ in range(n)]
+    card = _card(base, afs, n, weights=zeros, coeffs=zeros, params=["steps", "offsets", "weights", "coeffs"])
+    noise = seeded_noise(range(6), GMM.shape)
+    got = fewstep.sample(GMM.denoiser, noise, card.solver())
+    want = fewstep.sample(GMM.denoiser, noise, base, torch.tensor(card.sigmas, dtype=torch.float64), afs=afs)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_trainable_zero_corrections_match_the_base_in_the_graph(base):
+    """With every term in the autograd graph (training), zero corrections still give the base's result."""
+    cfg = LearnConfig(base=base, nfe=4, afs=True, params=("offsets", "weights", "coeffs"))
+    params = CardParameters(init_grid(GMM, cfg), cfg.params, 3, cfg.afs)
+    noise = seeded_noise(range(4), GMM.shape)
+    x = rollout(params, cfg, GMM.denoiser, noise, torch.float64)
+    want = fewstep.sample(GMM.denoiser, noise, base, params.grid().detach(), afs=True)
+    assert torch.allclose(x.detach(), want, rtol=0, atol=1e-12)
+    x.sum().backward()
+    assert params.db.grad is not None and params.db.grad.abs().sum() > 0
+
+
+def test_corrections_change_the_update_by_the_formula():
+    """One Euler interval with Δw and Δβ: x1 = x0 + h(1 + Δw)d0 + (1 − σ1/σ0)·Δβ·D0."""
+    grid = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    solver = LearnedSolver("euler", {}, grid, False, torch.zeros(1, dtype=torch.float64),
+                           torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[-0.2]], dtype=torch.float64))
+    x0 = torch.tensor([[1.5, -0.5]], dtype=torch.float64)
+    den = lambda x, s: 0.25 * x  # noqa: E731
+    got = fewstep.sample(den, x0 / 2.0, solver)
+    d0 = (x0 - den(x0, None)) / 2.0
+    want = x0 + (-1.0) * 1.3 * d0 + 0.5 * (-0.2) * den(x0, None)
+    assert torch.allclose(got, want, rtol=0, atol=1e-15)
+
+
+def test_offsets_move_the_model_time_only():
+    calls = []
+
+    def den(x, s):
+        calls.append(float(s[0]))
+        return torch.zeros_like(x)
+
+    grid = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+    xi = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    fewstep.sample(den, torch.ones(1, 3, dtype=torch.float64), LearnedSolver("euler", {}, grid, True, xi))
+    assert calls == pytest.approx([2.0 * torch.exp(torch.tensor(0.1)).item()])
+
+
+@pytest.mark.parametrize("base,afs,n", [("dpmpp", True, 5), ("ipndm", False, 4), ("unipc", True, 3)])
+def test_nfe_is_counted_exactly(base, afs, n):
+    card = _card(base, afs, n)
+    ev = Evaluator(GMM.denoiser)
+    solver = card.solver()
+    integrate(solver, ev, seeded_noise(range(2), GMM.shape) * 80.0, solver.grid, afs=afs)
+    assert ev.calls == card.nfe == n - int(afs)
+
+
+def test_card_round_trip_is_bit_exact(tmp_path):
+    cfg = LearnConfig(base="deis", nfe=3, afs=True, params=("steps", "offsets", "weights"), iters=6, pairs=16,
+                      val_pairs=8, batch=8, teacher_steps=60)
+    card = learn(GMM, cfg, out=tmp_path / "c", progress=False)
+    again = load_card(tmp_path / "c", GMM)
+    assert again == card
+    noise = seeded_noise(range(5), GMM.shape)
+    assert torch.equal(fewstep.sample(GMM.denoiser, noise, card.solver()),
+                       fewstep.sample(GMM.denoiser, noise, fewstep.load_solver(tmp_path / "c")))
+
+
+def test_training_lowers_validation_error_by_a_real_margin():
+    cfg = LearnConfig(base="dpmpp", nfe=4, afs=True, iters=60, pairs=64, val_pairs=32, batch=32, lr=0.03,
+                      teacher_steps=200)
+    card = learn(GMM, cfg, progress=False)
+    t = card.training
+    assert t["val_rmse"] < 0.5 * t["val_rmse_initial"]
+    assert card.nfe == 4 and len(card.sigmas) == 6
+
+
+def _write(tmp_path, edit):
+    card = _card(params=["steps"])
+    save_card(tmp_path, card)
+    raw = json.loads((tmp_path / "card.json").read_text())
+    edit(raw)
+    (tmp_path / "card.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda r: r.update(sigmas=[80.0, 90.0, 1.0, 0.5, 0.1, 0.002]), "sigmas"),
+    (lambda r: r.update(sigmas="abc"), "sigmas"),
+    (lambda r: r.update(offsets=[0.0, 0.0]), "offsets"),
+    (lambda r: r.update(afs="no"), "afs"),
+    (lambda r: r.update(format=99), "format"),
+    (lambda r: r.update(base="heun"), "base"),
+    (lambda r: r.update(weights=[[0.0]] * 3), "weights"),
+    (lambda r: r.update(coeffs=[[0.0], [0.0, 1.0], [0.0], [0.0], [0.0]]), "coeffs"),
+    (lambda r: r.update(base_options={"max_order": 9}), "max_order"),
+    (lambda r: r.pop("sigmas"), "sigmas"),
+])
+def test_hand_edited_cards_give_an_error_naming_the_field(tmp_path, edit, field):
+    path = _write(tmp_path, edit)
+    with pytest.raises(CardError, match=field):
+        load_card(path)
+
+
+def test_nan_in_card_is_refused(tmp_path):
+    path = _write(tmp_path, lambda r: None)
+    text = (path / "card.json").read_text().replace("0.002", "NaN", 1)
+    (path / "card.json").write_text(text)
+    with pytest.raises(CardError, match="NaN|number"):
+        load_card(path)
+
+
+def test_card_for_another_model_is_refused(tmp_path):
+    save_card(tmp_path, _card())
+    with pytest.raises(CardError, match="gmm"):
+        load_solver(tmp_path, load_model("digits-opt"))
+
+
+def test_card_refuses_another_afs_or_grid():
+    solver = _card(afs=True).solver()
+    noise = seeded_noise(range(2), GMM.shape)
+    with pytest.raises(fewstep.SolverError, match="afs"):
+        fewstep.sample(GMM.denoiser, noise, solver, afs=False)
+    with pytest.raises(fewstep.SolverError, match="num_steps"):
+        fewstep.sample(GMM.denoiser, noise, solver, num_steps=4)
+
+
+def test_learn_cli_bench_and_export(tmp_path, capsys):
+    out = tmp_path / "card"
+    assert main(["learn", "--model", "gmm", "--base", "ipndm", "--nfe", "3", "--afs", "--params", "steps,offsets",
+                 "--iters", "4", "--pairs", "16", "--val-pairs", "8", "--batch", "8", "--teacher-steps", "40",
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["learn", "export", str(out), "--sigmas"]) == 0
+    sigmas = json.loads(capsys.readouterr().out)
+    assert len(sigmas) == 5 and sigmas[0] == 80.0
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--model", "gmm", "--n", "16", "--nfe", "3", "--solvers", "euler", "--learned", str(out),
+                 "--json", str(report), "--no-progress"]) == 0
+    rows = json.loads(report.read_text())
+    learned = [r for r in rows if r.get("learned")]
+    assert len(learned) == 1 and learned[0]["nfe"] == 3
+
+
+def test_learn_cli_rejects_bad_input(tmp_path, capsys):
+    assert main(["learn", "--model", "gmm", "--nfe", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--nfe" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
