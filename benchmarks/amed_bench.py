@@ -27,7 +27,7 @@ from fewstep.models import load_model
 from fewstep.noise import seeded_noise
 from fewstep.solvers import num_steps_for_nfe
 
-# table label → recipe name in fewstep.amed.recipes ("paper" rows follow SPEC §5 exactly)
+# table label → recipe name in fewstep.amed.recipes ("paper" rows follow docs/maths.md §8 exactly)
 RECIPE_ROWS = {
     "AMED-Solver (paper)": "paper-solver",
     "AMED-Plugin iPNDM (paper)": "paper-plugin",

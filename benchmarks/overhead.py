@@ -1,7 +1,8 @@
 """Solver overhead: per-step time spent outside the denoiser (issue 8).
 
-fewstep (dpmpp = DPM-Solver++(2M) with max_order=2, unipc) vs diffusers' DPMSolverMultistepScheduler /
-UniPCMultistepScheduler step loops and k-diffusion's sample_dpmpp_2m, with a near-free denoiser
+fewstep (dpmpp = DPM-Solver++(2M) with max_order=2, unipc, and `FewstepScheduler` running dpmpp in diffusers'
+loop) vs diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler step loops and k-diffusion's
+sample_dpmpp_2m, interleaved (one run of each in turn), with a near-free denoiser
 (D(x, σ) = 0.5·x; its own time, measured alone, is subtracted) at batch 1 and 64 of 3×64×64 float32 on one
 CPU thread; then `fewstep sample` on `digits` with the wall time split into model, solver and file writing.
 
@@ -14,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,10 +39,12 @@ def per_call(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def runners(batch: int) -> dict[str, callable]:
+def runners(batch: int) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.Tensor]:
     import fewstep
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
     from k_diffusion.sampling import get_sigmas_karras, sample_dpmpp_2m
+
+    from fewstep.integrations.diffusers import FewstepScheduler
 
     noise = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(0))
     sched = fewstep.get_schedule("logsnr", NFE + 1)
@@ -48,14 +52,12 @@ def runners(batch: int) -> dict[str, callable]:
     def fewstep_run(solver: str):
         return lambda: fewstep.sample(free, noise, solver, sched, max_order=2)
 
-    def diffusers_run(cls):
-        s = cls(num_train_timesteps=1000, solver_order=2)
-
-        def run():
+    def diffusers_run(s):
+        def run():  # a pipeline's loop: scale_model_input, the model, step
             s.set_timesteps(NFE)
             x = noise * s.init_noise_sigma
             for t in s.timesteps:
-                x = s.step(free(x, t), t, x).prev_sample
+                x = s.step(free(s.scale_model_input(x, t), t), t, x).prev_sample
             return x
         return run
 
@@ -63,8 +65,11 @@ def runners(batch: int) -> dict[str, callable]:
     return {
         "fewstep dpmpp (2M)": fewstep_run("dpmpp"),
         "fewstep unipc (bh2, order 2)": fewstep_run("unipc"),
-        "diffusers DPMSolverMultistep": diffusers_run(DPMSolverMultistepScheduler),
-        "diffusers UniPCMultistep": diffusers_run(UniPCMultistepScheduler),
+        "fewstep FewstepScheduler (dpmpp 2M) in diffusers' loop": diffusers_run(
+            FewstepScheduler(num_train_timesteps=1000, solver="dpmpp", solver_options={"max_order": 2})),
+        "diffusers DPMSolverMultistep": diffusers_run(DPMSolverMultistepScheduler(num_train_timesteps=1000,
+                                                                                  solver_order=2)),
+        "diffusers UniPCMultistep": diffusers_run(UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2)),
         "k-diffusion sample_dpmpp_2m": lambda: sample_dpmpp_2m(lambda x, s: free(x, s), noise * 80.0, k_sigmas,
                                                                disable=True),
     }, noise
@@ -77,9 +82,17 @@ def overhead_table(repeats: int) -> tuple[list[str], dict[tuple[str, int], float
         runs, noise = runners(batch)
         names = list(runs)
         model = per_call(lambda: free(noise, None), repeats * NFE)
-        for name, fn in runs.items():
-            with torch.no_grad():
-                results[name, batch] = (per_call(fn, repeats) - NFE * model) / NFE  # s per step, model excluded
+        times = {name: [] for name in runs}
+        with torch.no_grad():
+            for fn in runs.values():
+                fn()  # warm-up
+            for _ in range(repeats):  # interleaved: machine load hits every sampler alike
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        for name in runs:
+            results[name, batch] = (statistics.median(times[name]) - NFE * model) / NFE  # s per step, model excluded
     return names, results
 
 
@@ -133,14 +146,25 @@ def main() -> None:
     ref = {b: (res["diffusers DPMSolverMultistep", b], res["k-diffusion sample_dpmpp_2m", b]) for b in (1, 64)}
     lines = [f"Per-step time outside the denoiser ({NFE} steps, 3×64×64 float32, 1 CPU thread, median of "
              f"{args.repeats}; the near-free denoiser's own time subtracted)", "",
-             "| sampler | µs/step, batch 1 | × diffusers DPM | × k-diff | µs/step, batch 64 | × diffusers DPM | × k-diff |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| sampler | µs/step, batch 1 | × diffusers DPM | × k-diff | µs/step, batch 64 | × diffusers DPM "
+             "| × k-diff |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         cells = []
         for b in (1, 64):
             v = res[name, b]
             cells += [f"{v * 1e6:.0f}", f"{v / ref[b][0]:.2f}", f"{v / ref[b][1]:.2f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    targets = [  # (what, ours, theirs, goal) of issue 13
+        ("dpmpp vs k-diffusion 2M", "fewstep dpmpp (2M)", "k-diffusion sample_dpmpp_2m", 1.0),
+        ("dpmpp vs diffusers DPM-Solver++", "fewstep dpmpp (2M)", "diffusers DPMSolverMultistep", 0.5),
+        ("unipc vs diffusers UniPC", "fewstep unipc (bh2, order 2)", "diffusers UniPCMultistep", 0.5),
+        ("FewstepScheduler vs diffusers' own", "fewstep FewstepScheduler (dpmpp 2M) in diffusers' loop",
+         "diffusers DPMSolverMultistep", 1.0),
+    ]
+    lines += ["", "| ratio | batch 1 | batch 64 | goal |", "|---|---:|---:|---:|"]
+    for what, ours, theirs, goal in targets:
+        lines.append(f"| {what} | " + " | ".join(f"{res[ours, b] / res[theirs, b]:.2f}" for b in (1, 64))
+                     + f" | ≤ {goal:g} |")
     d = digits_throughput(args.digits, 5)
     lines += ["", f"`fewstep sample` on digits (U-Net 16×16), ipndm NFE {d['nfe']}, {d['n']} seeds, batch 64, "
               "1 thread:", "",

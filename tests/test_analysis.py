@@ -1,4 +1,4 @@
-"""Trajectory geometry (SPEC §7): PCA of sampling trajectories, batching, the report and the CLI."""
+"""Trajectory geometry (docs/maths.md §9): PCA of sampling trajectories, batching, the report and the CLI."""
 
 from __future__ import annotations
 
@@ -111,15 +111,12 @@ def test_directions_reuse_the_solvers_own_evaluations():
     analyze(counted, "heun", 9, n=2)
     assert calls["n"] == 2 * 8  # Heun's own 2(N−1) calls; every trajectory point's D was recorded, none added
     # and the recorded values equal a fresh evaluation
-    from fewstep.evaluation.analysis import _Recorder
     from fewstep.noise import seeded_noise
     from fewstep.schedules import get_schedule
-    from fewstep.solvers import sample
+    from fewstep.solvers import sample_with_directions
 
     sched = get_schedule("polynomial", 9)
-    rec = _Recorder(model.denoiser)
-    traj = sample(rec, seeded_noise([0, 1], model.shape), "heun", sched, return_trajectory=True)
-    reused = directions_along(model.denoiser, traj[:-1], sched[:-1], rec.calls)
+    traj, reused = sample_with_directions(model.denoiser, seeded_noise([0, 1], model.shape), "heun", sched)
     fresh = directions_along(model.denoiser, traj[:-1], sched[:-1])
     torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
 
@@ -177,4 +174,4 @@ def test_cli_analyze_bad_input_exits_2(tmp_path, capsys):
     from fewstep.evaluation.commands import main
 
     assert main(["analyze", "--model", "gmm", "--n", "0", "--out", str(tmp_path)]) == 2
-    assert "--n must be" in capsys.readouterr().out
+    assert "--n must be" in capsys.readouterr().err

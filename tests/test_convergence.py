@@ -37,7 +37,7 @@ Measured slopes (σ ∈ [0.02, 200], logsnr; N − 1 = 40 → 80, 80 → 160, 16
                    k=1: 0.99* 0.99 1.00   k=2: 2.00* 2.00 2.00   k=3: 3.22 2.81 2.87*   k=4: 3.89 4.04* 3.96
 
 Deviations, both genuine properties of the specified algorithms, not implementation bugs:
-* DPM-Solver++(3M) is second order. fewstep implements SPEC §4.7 exactly as the official DPM-Solver code,
+* DPM-Solver++(3M) is second order. fewstep implements docs/maths.md §4.7 exactly as the official DPM-Solver code,
   diffusers' `DPMSolverMultistepScheduler` and k-diffusion's `sample_dpmpp_3m_sde` do (test_parity checks the
   diffusers one), and that update is second order: with D2 = (D1_0 − D1_1)/(r₀ + r₁) ≈ h²m''/2, the exact
   integral of the quadratic term is 2·φ₃·D2, not φ₃·D2, so the local error is O(h³). A test-only subclass with
@@ -162,7 +162,8 @@ def test_order(logsnr_ref, solver, options, order):
 
 @pytest.mark.parametrize("predict_x0", [True, False])
 def test_dpmpp_3m_is_second_order(logsnr_ref, predict_x0):
-    """Documented deviation: DPM-Solver++(3M) as specified (SPEC §4.7 = official/diffusers/k-diffusion) is order 2.
+    """Documented deviation: DPM-Solver++(3M) as specified (docs/maths.md §4.7 = official/diffusers/k-diffusion)
+    is order 2.
 
     If the D2 coefficient is ever changed to 2·φ₃ (true third order), this test must become order 3 and
     test_parity's diffusers comparison for max_order=3 will have to be revisited.
@@ -239,7 +240,7 @@ def test_ipndm_order_on_uniform_grid(uniform_ref, k):
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_ipndm_equals_ipndm_v_on_uniform_grid(uniform_ref, k):
-    """SPEC §4.5: the exact variable-step AB method reduces to iPNDM's fixed weights on a uniform grid."""
+    """docs/maths.md §4.5: the exact variable-step AB method reduces to iPNDM's fixed weights on a uniform grid."""
     grid = uniform_grid(40)
     a = fewstep.sample(uniform_ref.denoiser, uniform_ref.noise, "ipndm", grid, max_order=k)
     b = fewstep.sample(uniform_ref.denoiser, uniform_ref.noise, "ipndm_v", grid, max_order=k)

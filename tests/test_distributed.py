@@ -4,6 +4,7 @@ is reassociated)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,8 +41,8 @@ def test_torchrun_sample_matches_single_process(tmp_path):
     assert main([*args, "--out", str(tmp_path / "single"), "--npz", str(tmp_path / "single.npz"),
                  "--grid", str(tmp_path / "single.png")]) == 0
     multi, single = files(tmp_path / "multi"), files(tmp_path / "single")
-    assert sorted(single) == [f"{s:06d}.png" for s in range(8)]
-    assert multi == single  # every PNG, bit for bit
+    assert sorted(single) == [f"{s:06d}.png" for s in range(8)] + ["manifest.json"]
+    assert multi == single  # every PNG, bit for bit, and the same manifest
     assert (tmp_path / "multi.png").read_bytes() == (tmp_path / "single.png").read_bytes()
     a, b = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["seeds"], b["seeds"])
@@ -62,3 +63,18 @@ def test_torchrun_train_matches_single_process(tmp_path, extra):
         torch.testing.assert_close(multi["predictor"][key], value, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == sorted(
         p.name for p in (tmp_path / "single").iterdir())
+
+
+def test_torchrun_learn_matches_single_process(tmp_path, monkeypatch):
+    """Teacher pairs sharded across 2 ranks and gathered, gradients summed: the same card as one process."""
+    args = ["learn", "--model", "gmm", "--base", "dpmpp", "--nfe", "3", "--afs", "--iters", "6", "--pairs", "10",
+            "--val-pairs", "6", "--batch", "5", "--teacher-steps", "40", "--no-progress"]
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache-multi"))  # the ranks compute their own shards
+    torchrun([*args, "--out", "multi"], tmp_path)
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache-single"))
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    multi = json.loads((tmp_path / "multi" / "card.json").read_text())
+    single = json.loads((tmp_path / "single" / "card.json").read_text())
+    for key in ("sigmas", "offsets", "coeffs"):
+        np.testing.assert_allclose(np.array(multi[key]), np.array(single[key]), rtol=1e-6, atol=1e-9)
+    assert multi["training"]["val_rmse"] == pytest.approx(single["training"]["val_rmse"], rel=1e-6)

@@ -414,7 +414,7 @@ def test_cli_fid_inception_without_weights_says_where_it_looked(tmp_path):
              "--features", "inception", "--device", "cpu", "--no-progress",
              env={"TORCH_HOME": str(tmp_path / "th"), "FEWSTEP_INCEPTION_WEIGHTS": ""})
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "not found" in p.stdout and "--inception-weights" in p.stdout
+    assert "not found" in p.stderr and "--inception-weights" in p.stderr
     assert not (tmp_path / "s.npz").exists()
 
 

@@ -282,6 +282,31 @@ def test_scheduler_config_roundtrip_and_errors(pipe, tmp_path):
         sched.step(torch.zeros_like(x), 0, x)
 
 
+def test_pipeline_honours_latents_edited_by_callback_on_step_end(pipe, noise, denoiser):
+    """An edit made by `callback_on_step_end` is the state the run continues from (multistep history included),
+    as with diffusers' own schedulers; the reference answers the driver's request at the edited state."""
+    from fewstep.solvers import Evaluator, answer, get_solver, run
+
+    sched = FewstepScheduler.from_config(pipe.original_config, solver="ipndm")
+    k = 1
+
+    def halve(p, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == k else kwargs
+
+    out = run_pipe(pipe, sched, noise, 5, callback_on_step_end=halve)
+    plain = run_pipe(pipe, sched, noise, 5)
+    ev = Evaluator(denoiser)
+
+    def respond(req):
+        x = req.x * 0.5 if req.grid_point and req.index == k + 1 else req.x  # the latents after step k
+        return ev(x, req.sigma, req.index, model_sigma=req.model_sigma)
+
+    grid = sched.grid
+    ref = answer(run(get_solver("ipndm"), noise * float(grid[0]), grid, denoise_to_zero=True), respond)
+    assert rel(out, ref) <= RTOL
+    assert rel(out, plain) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------ k-diffusion
 
 
@@ -496,3 +521,41 @@ def test_edm_factory(tmp_path, monkeypatch):
                          bottleneck=info.bottleneck)
     assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
     sys.modules.pop("tiny_edm_net", None)
+
+
+# ------------------------------------------------------------------------------------------------ learned cards
+
+
+def _tiny_card(table: torch.Tensor, folder) -> "fewstep.learned.Card":
+    from fewstep.learned import Card, save_card
+
+    grid = fewstep.get_schedule("logsnr", 5, float(table[0]), float(table[-1])).tolist()
+    card = Card(base="dpmpp", base_options={}, afs=True, sigmas=grid, offsets=[0.0, 0.05, -0.03, 0.02],
+                coeffs=[[0.01, 0.0], [0.02, -0.01], [-0.01, 0.01], [0.03, 0.0]], params=["offsets", "coeffs"])
+    save_card(folder, card)
+    return card
+
+
+def test_pipeline_runs_a_learned_card(pipe, noise, denoiser, tmp_path):
+    card = _tiny_card(denoiser.sigma_table, tmp_path)
+    sched = FewstepScheduler.from_config(pipe.original_config, solver=f"learned:{tmp_path}",
+                                         final_sigmas_type="sigma_min")
+    out = run_pipe(pipe, sched, noise, 4)
+    assert torch.equal(sched.grid, torch.tensor(card.sigmas, dtype=torch.float64))
+    assert len(sched.timesteps) == card.nfe
+    ref = fewstep.sample(denoiser, noise, card.solver())
+    assert rel(out, ref) <= RTOL
+    with pytest.raises(fewstep.SolverError, match="num_inference_steps=4"):
+        sched.set_timesteps(6)
+
+
+def test_k_style_runs_a_learned_card(kmodel, knoise, tmp_path):
+    _, _, kden = kmodel
+    card = _tiny_card(kden.sigmas, tmp_path)
+    sigmas = torch.tensor([*card.sigmas, 0.0])
+    with torch.no_grad():
+        ours = KF.sample_learned(kden, knoise * sigmas[0], sigmas, disable=True, card=tmp_path)
+        ref = fewstep.sample(lambda x, s: kden(x, s), knoise, card.solver(), denoise_to_zero=True)
+    assert rel(ours, ref) <= RTOL
+    with pytest.raises(fewstep.SolverError, match="own"):
+        KF.sample_learned(kden, knoise, kden.get_sigmas(5), disable=True, card=tmp_path)

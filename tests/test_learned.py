@@ -175,3 +175,15 @@ def test_learn_cli_rejects_bad_input(tmp_path, capsys):
     assert main(["learn", "--model", "gmm", "--nfe", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--nfe" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_sample_cli_with_a_card_writes_a_manifest_and_resumes(tmp_path):
+    card = tmp_path / "card"
+    save_card(card, _card(params=["steps"]))
+    args = ["sample", "--model", "gmm", "--solver", f"learned:{card}", "--seeds", "0-3", "--no-progress"]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["solver"] == "learned" and manifest["nfe"] == 4 and "fingerprint" in manifest["card"]
+    assert main([*args, "--out", str(out)]) == 0  # same card: resumes
+    assert main([*args, "--nfe", "3", "--out", str(tmp_path / "o2")]) == 2  # the card is NFE 4

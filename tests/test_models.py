@@ -1,4 +1,4 @@
-"""Analytic denoisers (SPEC §2) checked against independent computations, and the built-in models."""
+"""Analytic denoisers (docs/maths.md §2) checked against independent computations, and the built-in models."""
 
 from __future__ import annotations
 

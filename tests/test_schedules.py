@@ -1,4 +1,4 @@
-"""Schedules (SPEC §3): endpoints, monotonicity, each formula against an independent numpy implementation,
+"""Schedules (docs/maths.md §3): endpoints, monotonicity, each formula against an independent numpy implementation,
 the VP-linear time map, the model-driven `discrete` schedule and the validation of bad input."""
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_vp_dsigma_dtau_matches_finite_differences():
 
 
 def test_spec_vp_linear_constants():
-    """SPEC §2's continuous VP-linear model (β_min = 0.1, β_d = 19.9) through the same class."""
+    """The continuous VP-linear model (β_min = 0.1, β_d = 19.9) through the same class."""
     vp = VPLinear(beta_d=19.9, beta_min=0.1)
     t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
     expected = np.sqrt(np.exp(0.5 * 19.9 * t.numpy() ** 2 + 0.1 * t.numpy()) - 1)

@@ -1,4 +1,4 @@
-"""The solver driver's contract (SPEC §1, §4.9–4.10): NFE, statelessness, per-sample independence, trajectories,
+"""The solver driver's contract (docs/maths.md §1, §6–7): NFE, statelessness, per-sample independence, trajectories,
 denoise_to_zero, AFS, dynamic thresholding, dtypes, and every bad input ending in a named FewstepError."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import fewstep
 from fewstep.errors import DenoiserError, FewstepError, ScheduleError, SolverError
 from fewstep.models import GaussianMixture
-from fewstep.solvers import RECOMMENDED_SCHEDULE, SOLVERS
+from fewstep.solvers import SOLVERS
 
 CLASSIC = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
 
@@ -156,7 +156,7 @@ def test_batch_equals_concatenated_single_samples(solver, options):
 def test_recommended_schedule_is_used_without_a_schedule():
     noise = make_noise(2)
     for solver in CLASSIC:
-        name, rho = RECOMMENDED_SCHEDULE[solver]
+        name, rho = SOLVERS[solver].recommended_schedule
         expected = fewstep.sample(GMM, noise, solver, fewstep.get_schedule(name, 6, rho=rho))
         assert torch.equal(fewstep.sample(GMM, noise, solver, num_steps=6), expected)
 

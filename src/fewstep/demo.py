@@ -42,7 +42,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
     fd = _fd_metric(model)
     seeds = list(range(n))
     ref = reference_solution(model, seeds, progress=progress)
-    noise = seeded_noise(seeds, model.shape)
+    noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
     records: list[dict[str, Any]] = []
     pictures: dict[str, torch.Tensor] = {"reference": ref[:8]}
     jobs = [(name, afs, nfe) for name in DEFAULT_SOLVERS for afs in (False, True) for nfe in DEMO_NFES]
@@ -57,7 +57,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         records.append({"solver": label, "schedule": spec.schedule_label, "nfe": nfe, "num_steps": steps,
                         "afs": afs, "rmse": rmse(x, ref), **fd(x)})
         if nfe == PICTURE_NFE:
-            pictures[label] = x[:8]
+            pictures[label] = x[:8].cpu()
     for label, name in AMED_RECIPES.items():
         for nfe in amed_nfes:
             cfg = recipe(name, nfe, kimg=kimg, pool=pool, batch=batch)
@@ -68,7 +68,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
                             "nfe": nfe, "num_steps": settings.num_steps, "afs": settings.afs, "rmse": rmse(x, ref),
                             "train_seconds": stats["seconds"], **fd(x)})
             if nfe == PICTURE_NFE:
-                pictures[label] = x[:8]
+                pictures[label] = x[:8].cpu()
             log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
     header, rows = table_rows(records, list(DEMO_NFES))
     title = f"RMSE to the reference solution — {model.name} ({model.description}), {n} samples"
@@ -96,13 +96,23 @@ def _fd_metric(model: ModelInfo) -> Callable[[torch.Tensor], dict[str, float]]:
 
 
 def _side_by_side(pictures: dict[str, torch.Tensor], path: Path, rmse_by_label: dict[str, float]) -> None:
-    """One labelled row per method (reference first), the same 8 seeds in the columns."""
+    import matplotlib.pyplot as plt
+
+    fig = side_by_side_figure(pictures, rmse_by_label)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def side_by_side_figure(pictures: dict[str, torch.Tensor], rmse_by_label: dict[str, float]) -> Any:
+    """One labelled row per method (reference first), the same 8 seeds in the columns, under a title that
+    keeps a fixed strip of its own (it never overlaps the first row). Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(pictures), 1, figsize=(8, 0.85 * len(pictures)), dpi=110, squeeze=False)
+    height = 0.85 * len(pictures) + 0.4  # inches: the rows, and a fixed strip on top for the title
+    fig, axes = plt.subplots(len(pictures), 1, figsize=(8, height), dpi=110, squeeze=False)
     for ax, (label, x) in zip(axes[:, 0], pictures.items()):
         imgs = to_uint8(x)
         ax.imshow(np.concatenate(list(imgs[..., 0] if imgs.shape[-1] == 1 else imgs), axis=1), cmap="gray",
@@ -111,7 +121,7 @@ def _side_by_side(pictures: dict[str, torch.Tensor], path: Path, rmse_by_label: 
         ax.set_yticks([])
         suffix = f"  {rmse_by_label[label]:.3f}" if label in rmse_by_label else ""
         ax.set_ylabel(label + suffix, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"the same seeds at NFE {PICTURE_NFE} (label: RMSE to the reference)", fontsize=8)
-    fig.subplots_adjust(left=0.26, right=0.98, top=1 - 0.35 / len(pictures), bottom=0.01, hspace=0.15)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    fig.suptitle(f"the same seeds at NFE {PICTURE_NFE} (label: RMSE to the reference)", fontsize=8,
+                 y=1 - 0.1 / height, va="top")
+    fig.subplots_adjust(left=0.26, right=0.98, top=1 - 0.4 / height, bottom=0.01, hspace=0.15)
+    return fig

@@ -1,4 +1,4 @@
-"""Multi-process runs under torchrun (SPEC §9): `torchrun --nproc_per_node=K -m fewstep sample|train …`.
+"""Multi-process runs under torchrun (docs/maths.md §12): `torchrun --nproc_per_node=K -m fewstep sample|train …`.
 
 The process group is set up only when torchrun's WORLD_SIZE > 1 is in the environment, so single-process runs
 never touch torch.distributed. Sampling shards the seed list (rank r takes seeds[r::K]); training splits every

@@ -19,3 +19,7 @@ class DenoiserError(FewstepError, RuntimeError):
 
 class ModelError(FewstepError, ValueError):
     """An unknown built-in model or a model that lacks what an operation needs."""
+
+
+class ConditionError(FewstepError, ValueError):
+    """Bad conditions (--classes, --prompts, --guidance) or a checkpoint made for other conditions."""

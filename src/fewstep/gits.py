@@ -1,4 +1,4 @@
-"""GITS — geometry-inspired time scheduling (Chen et al., arXiv 2405.11326; SPEC §6).
+"""GITS — geometry-inspired time scheduling (Chen et al., arXiv 2405.11326; docs/maths.md §10).
 
 Sampling trajectories of the probability-flow ODE are regular (nearly 2-D, smooth), so a schedule that is good
 for a few hundred warm-up trajectories is good for all of them. GITS
@@ -41,13 +41,10 @@ Metrics (per sample, then averaged over the warm-up samples; D = number of entri
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,10 +52,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import FewstepError, ScheduleError, SolverError
-from .io import write_json
 from .noise import seeded_noise
 from .schedules import check_schedule, get_schedule
-from .solvers import get_solver, num_steps_for_nfe, sample
+from .schedules import load_schedule, read_schedule_file, save_schedule  # noqa: F401  (their old home)
+from .solvers import get_solver, num_steps_for_nfe, sample, sample_with_directions
 
 GITS_SEED_BASE = 2_000_000  # warm-up noise seeds: disjoint from evaluation (0, 1, …) and AMED training (1e6 …)
 METRICS = ("l2", "l1", "dev")
@@ -67,8 +64,6 @@ DEFAULT_GRID = 61
 DEFAULT_WARMUP = 256
 DEFAULT_GAMMA = 1.0  # tuned on held-out seeds (benchmarks/gits_bench.py --sweep); the paper uses 1.15
 DEFAULT_METRIC = "l2"
-FILE_FORMAT = "fewstep-schedule"
-RANGE_RTOL = 1e-4  # a schedule file's endpoints must equal the model's σ range to this relative tolerance
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,34 +112,10 @@ def path_cost(cost: torch.Tensor, path: Sequence[int], gamma: float = DEFAULT_GA
 
 def _teacher_run(model: Any, noise: torch.Tensor, grid: torch.Tensor, teacher: str,
                  options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """States x_i [N, B, …] and directions d_i [N−1, B, …] at the grid points of one teacher run.
-
-    For a one-call-per-interval teacher without a corrector (euler, ipndm, ipndm_v, deis, dpmpp) the driver's
-    evaluations happen exactly at the recorded states, so d_i is captured from those calls; otherwise (heun,
-    dpm2, unipc) it is recomputed as (x_i − D(x_i, t_i))/t_i in one batched call over all grid points.
-    """
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def recording(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = model.denoiser(x, sigma)
-        calls.append((x, sigma, out))
-        return out
-
-    algo = get_solver(teacher, **options)
-    capture = algo.evals_per_step == 1 and not algo.corrects
-    with torch.no_grad():
-        traj = sample(recording if capture else model.denoiser, noise, teacher, grid, return_trajectory=True,
-                      **options)
-    n = len(grid)
-    if capture and len(calls) == n - 1 and all(torch.equal(calls[i][0], traj[i]) for i in range(n - 1)):
-        dirs = torch.stack([(x - out.to(x.dtype)) / float(grid[i]) for i, (x, _, out) in enumerate(calls)])
-        return traj, dirs
-    x = traj[:-1].reshape(-1, *traj.shape[2:])
-    sig = grid[:-1].to(x.dtype).repeat_interleave(noise.shape[0])
-    with torch.no_grad():
-        den = model.denoiser(x, sig).to(x.dtype)
-    dirs = ((x - den) / sig.reshape(-1, *([1] * (x.ndim - 1)))).reshape(n - 1, *traj.shape[1:])
-    return traj, dirs
+    """States x_i [N, B, …] and directions d_i [N−1, B, …] at the grid points of one teacher run: d_i comes
+    from the teacher's own evaluation of x_i where there is one (every solver without a corrector), otherwise
+    from one batched call (`fewstep.solvers.sample_with_directions`)."""
+    return sample_with_directions(model.denoiser, noise, teacher, grid, **options)
 
 
 def cost_sums(grid: torch.Tensor, traj: torch.Tensor, dirs: torch.Tensor, metric: str = DEFAULT_METRIC,
@@ -246,7 +217,7 @@ class GitsSearch:
             noise = seeded_noise(seeds, model.shape)
             traj, dirs = _teacher_run(model, noise, fine, teacher, options)
             total += cost_sums(fine, traj, dirs, metric)
-            dirs[0] = traj[0] / math.sqrt(1 + float(fine[0]) ** 2)  # AFS's analytic d_0 (SPEC §4.9)
+            dirs[0] = traj[0] / math.sqrt(1 + float(fine[0]) ** 2)  # AFS's analytic d_0 (docs/maths.md §7)
             total_afs += cost_sums(fine, traj, dirs, metric, rows=[0])[0]
             finals.append(traj[-1])
         cost = total / warmup
@@ -349,58 +320,6 @@ def refine_schedule(sigmas: torch.Tensor, m: int, rho: float = 7.0) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schedule files
-
-
-def save_schedule(path: str | os.PathLike, sigmas: torch.Tensor, meta: dict[str, Any] | None = None) -> Path:
-    """Write a schedule file atomically: JSON {"format", "sigmas", "num_steps", "sigma_min", "sigma_max", …meta}."""
-    t = check_schedule(sigmas)
-    data = {"format": FILE_FORMAT, "version": 1, "kind": "gits", **(meta or {}),
-            "sigmas": [float(v) for v in t], "num_steps": len(t),
-            "sigma_min": float(t[-1]), "sigma_max": float(t[0])}
-    return write_json(path, data)
-
-
-def read_schedule_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The σ grid (validated: finite, positive, strictly decreasing) and the metadata of a schedule file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ScheduleError(f"schedule file {str(p)!r} not found; create it with `fewstep gits --model MODEL "
-                            f"--nfe NFE --out {p}`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScheduleError(f"schedule file {str(p)!r} is not valid JSON ({e}); regenerate it with `fewstep gits`")
-    if isinstance(data, list):  # a bare list of σ is accepted too
-        data = {"sigmas": data}
-    if not isinstance(data, dict) or not isinstance(data.get("sigmas"), list):
-        raise ScheduleError(f"schedule file {str(p)!r} has no \"sigmas\" list")
-    try:
-        values = [float(v) for v in data["sigmas"]]
-    except (TypeError, ValueError):
-        raise ScheduleError(f"schedule file {str(p)!r}: \"sigmas\" must be a list of numbers") from None
-    return check_schedule(values, f"schedule file {str(p)!r}"), data
-
-
-def load_schedule(path: str | os.PathLike, num_steps: int | None = None, sigma_min: float | None = None,
-                  sigma_max: float | None = None, model: Any = None) -> torch.Tensor:
-    """A schedule file's σ grid, checked against the request: `num_steps` points and the σ range
-    [`sigma_min`, `sigma_max`] (or the `model`'s) at both ends, to a relative tolerance of 1e-4."""
-    t, data = read_schedule_file(path)
-    where = f"schedule file {str(path)!r}"
-    made_for = f" (made for model {data['model']!r})" if data.get("model") else ""
-    if num_steps is not None and num_steps != len(t):
-        nfe = f", NFE {data['nfe']} for {data.get('solver') or 'its solver'}" if data.get("nfe") else ""
-        raise ScheduleError(f"{where} has {len(t)} points{nfe}, but num_steps={num_steps} was asked for; make a "
-                            f"schedule for this step count with `fewstep gits --nfe …`")
-    lo = getattr(model, "sigma_min", sigma_min)
-    hi = getattr(model, "sigma_max", sigma_max)
-    bad_hi = hi is not None and abs(float(t[0]) - float(hi)) > RANGE_RTOL * float(hi)
-    bad_lo = lo is not None and abs(float(t[-1]) - float(lo)) > RANGE_RTOL * float(lo)
-    if bad_hi or bad_lo:
-        raise ScheduleError(f"{where} spans σ ∈ [{float(t[-1]):g}, {float(t[0]):g}]{made_for}, but the model's "
-                            f"σ range is [{lo if lo is not None else '?'}, {hi if hi is not None else '?'}]; "
-                            f"make a schedule for this model with `fewstep gits`")
-    return t
 
 
 def nfe_to_num_steps(solver: str, nfe: int, afs: bool = False, **options: Any) -> int:

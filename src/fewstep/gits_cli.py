@@ -1,4 +1,4 @@
-"""`fewstep gits`: search a GITS schedule for a model and write it as a schedule file (SPEC §6).
+"""`fewstep gits`: search a GITS schedule for a model and write it as a schedule file (docs/maths.md §10).
 
 Use the file with any solver: `fewstep sample --schedule gits:FILE`, `fewstep bench --solvers 'ipndm@gits:FILE'`,
 or `get_schedule("gits", num_steps, path=FILE)`.
@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from rich.markup import escape
+
+from .conditioning import add_condition_args, conditioned_model, from_args
 from .errors import FewstepError
 from .evaluation.bench import parse_options
 from .gits import (DEFAULT_GAMMA, DEFAULT_GRID, DEFAULT_METRIC, DEFAULT_TEACHER, DEFAULT_WARMUP, GITS_SEED_BASE,
-                   METRICS, GitsSearch, nfe_to_num_steps, save_schedule)
+                   METRICS, GitsSearch, nfe_to_num_steps)
+from .schedules import save_schedule
 
 
 def cmd_gits(args: argparse.Namespace) -> int:
@@ -20,7 +24,12 @@ def cmd_gits(args: argparse.Namespace) -> int:
     from .models import load_model
     from .solvers import get_solver, nfe
 
-    model = load_model(args.model)
+    model, conditions = from_args(load_model(args.model), args)
+    batch = args.batch
+    # conditions bound for the warm-up seeds, run as one batch (docs/maths.md, "Conditions and guidance")
+    if conditions.conditional:
+        model = conditioned_model(model, conditions, range(GITS_SEED_BASE, GITS_SEED_BASE + args.warmup))
+        batch = args.warmup
     options = parse_options(args.opt)
     get_solver(args.solver, **options)
     if args.num_steps is not None:
@@ -31,7 +40,7 @@ def cmd_gits(args: argparse.Namespace) -> int:
         raise FewstepError("give --nfe (or --num-steps)")
     start = time.perf_counter()
     search = GitsSearch.run(model, teacher=args.teacher, grid=args.grid, warmup=args.warmup, metric=args.metric,
-                            teacher_options=parse_options(args.teacher_opt), batch=args.batch,
+                            teacher_options=parse_options(args.teacher_opt), batch=batch,
                             progress=not args.no_progress)
     sigmas, path = search.schedule(steps, args.gamma, afs=args.afs, afs_mode=args.afs_mode, solver=args.solver,
                                    solver_options=options)
@@ -39,12 +48,14 @@ def cmd_gits(args: argparse.Namespace) -> int:
     meta = search.metadata(steps, args.gamma, args.afs, path, solver=args.solver,
                            nfe=nfe(args.solver, steps, afs=args.afs, **options))
     meta.update(afs_mode=args.afs_mode if args.afs else None, solver_options=options, seconds=round(total, 3))
+    if conditions.conditional:
+        meta["conditions"] = conditions.to_json()
     save_schedule(args.out, sigmas, meta)
-    console.print(f"GITS schedule for {model.name}, {args.solver} at NFE {meta['nfe']}"
-                  f"{' (AFS)' if args.afs else ''}: {steps} points, grid indices {path}")
-    console.print("σ = [" + ", ".join(f"{v:.4g}" for v in sigmas.tolist()) + "]")
-    console.print(f"wrote {args.out} (warm-up {args.warmup} × {args.teacher} on {len(search.grid)} points: "
-                  f"{total:.1f} s)")
+    console.print(escape(f"GITS schedule for {model.name}, {args.solver} at NFE {meta['nfe']}"
+                         f"{' (AFS)' if args.afs else ''}: {steps} points, grid indices {path}"))
+    console.print(escape("σ = [" + ", ".join(f"{v:.4g}" for v in sigmas.tolist()) + "]"))
+    console.print(escape(f"wrote {args.out} (warm-up {args.warmup} × {args.teacher} on {len(search.grid)} points: "
+                  f"{total:.1f} s)"))
     return 0
 
 
@@ -56,7 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "gits", help="search a GITS time schedule (geometry-inspired, by dynamic programming) for a model",
         description="Run a teacher on a fine grid for warm-up samples (seeds from "
                     f"{GITS_SEED_BASE}), build the cost matrix of one-step Euler jumps and pick the schedule "
-                    "by dynamic programming (SPEC §6). Use the file with --schedule gits:FILE.")
+                    "by dynamic programming (docs/maths.md §10). Use the file with --schedule gits:FILE.")
     model_type = getattr(cli, "model_arg", None)
     if model_type is not None:
         p.add_argument("--model", default=DEFAULT_MODEL, type=model_type, help="model (as for `fewstep bench`)")
@@ -81,5 +92,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"cost of a jump: l2 (RMSE), l1, dev (deviation change) (default {DEFAULT_METRIC})")
     p.add_argument("--batch", type=int, default=64, help="warm-up samples per teacher batch")
     p.add_argument("--out", required=True, help="schedule file to write (JSON)")
+    add_condition_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_gits)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import FewstepError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
@@ -43,3 +45,58 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create `path` with `text` atomically unless it exists; True when this call created it.
+
+    The content is complete before the name appears (hard link of a finished temporary file), so a reader
+    never sees a half-written file and of two concurrent callers exactly one wins.
+    """
+    path = Path(path)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def check_output_file(path: str | os.PathLike | None, option: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or under a file.
+
+    Raises FewstepError naming `option` (e.g. '--grid')."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise FewstepError(f"{option} {p}: is a folder; give a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FewstepError(f"{option} {p}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise FewstepError(f"{option} {p}: folder {parent} is not writable")
+            break
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under a file or cannot be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FewstepError(f"{option} {p}: is a file, not a folder")
+    for parent in (p, *p.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise FewstepError(f"{option} {p}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise FewstepError(f"{option} {p}: {parent} is not writable")
+            break

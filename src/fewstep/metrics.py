@@ -1,4 +1,5 @@
-"""FID-style metrics (SPEC §8): streamed float64 feature statistics, Fréchet distance, KID, feature networks.
+"""FID-style metrics (docs/maths.md §11): streamed float64 feature statistics, Fréchet distance, KID, feature
+networks.
 
 The implementation lives in `fewstep.evaluation.fid`; this module is its public face::
 

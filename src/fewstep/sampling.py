@@ -1,11 +1,18 @@
 """Sampling jobs: one PNG per seed (deterministic, independent of batch size), optional grid and .npz.
 
 Outputs are written atomically; samples whose PNG already exists are skipped, so an interrupted job resumes.
+The folder's `manifest.json` records the settings (fewstep.manifest): a job with other settings is refused
+before sampling (unless `overwrite`), so a folder never mixes samples of different settings.
+
 Under torchrun (WORLD_SIZE > 1) rank r samples seeds[r::world]; rank 0 writes the grid/.npz after a barrier.
+
+Conditional models (fewstep.conditioning): seed s gets classes[s mod len] with `classes` (prompts likewise),
+otherwise a class drawn uniformly per seed; the guidance scale applies to every sample.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +25,16 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import FewstepError
-from .io import atomic_write
+from .conditioning import ConditionSpec, check_conditions, conditioned_model, resolve
+from .io import atomic_write, check_output_dir, check_output_file
+from .manifest import claim_folder, file_fingerprint, sample_manifest
 from .models import load_model
+from .models.registry import ModelInfo
+from .device import to_device
 from .noise import parse_seeds, seeded_noise
 from .schedules import get_schedule
-from .solvers import RECOMMENDED_SCHEDULE, num_steps_for_nfe, sample
+from .solvers import get_solver, nfe, num_steps_for_nfe, sample
+
 
 
 @dataclass
@@ -42,10 +54,18 @@ class SampleJob:
     predictor: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    overwrite: bool = False  # remove the samples of `out` first when it was made with other settings
+    classes: str | None = None  # conditional models: '3', '0-9' (seed s gets classes[s mod len]); None: uniform
+    prompts: str | None = None  # prompt file (diffusers pipelines)
+    guidance: float | None = None  # classifier-free guidance scale (None: 1, or a predictor's recorded one)
+    classifier_scale: float = 0.0  # classifier guidance scale (models with a noise-aware classifier)
+    device: str | None = None  # where the model and the solver run (None: where the model is); fewstep.device
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] in [−1, 1] → uint8 [B, H, W, C]."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        raise FewstepError(f"images must be [B, C, H, W] with 1, 3 or 4 channels, got shape {tuple(images.shape)}")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -79,18 +99,69 @@ def save_grid(path: str | Path, images: np.ndarray, cols: int | None = None, ups
     save_png(path, canvas, upscale)
 
 
+def check_job(job: SampleJob, model: ModelInfo) -> None:
+    """Refuse a job that cannot succeed before sampling anything: conflicting step counts, unknown solver or
+    options, unusable output paths, a model whose samples are not images."""
+    if job.batch < 1:
+        raise FewstepError(f"--batch must be >= 1, got {job.batch}")
+    if job.nfe is not None and job.num_steps is not None:
+        raise FewstepError("give --nfe or --num-steps, not both")
+    if job.solver.startswith("learned:"):
+        if job.predictor is not None or job.options or job.schedule or job.rho is not None or job.num_steps:
+            raise FewstepError("--solver learned:DIR brings its own grid, options and AFS: drop --predictor, --opt, "
+                               "--schedule, --rho and --num-steps")
+    elif job.predictor is None:
+        for key in ("afs", "denoise_to_zero", "predictor", "bottleneck"):
+            if key in job.options:
+                raise FewstepError(f"--opt {key}=…: not a solver option" + ("; use --afs" if key == "afs" else ""))
+        get_solver(job.solver, **job.options)  # unknown solver or option: a clear error now
+    if len(model.shape) != 3 or model.shape[0] not in (1, 3, 4):
+        raise FewstepError(f"model {job.model!r} has shape {tuple(model.shape)}; `sample` writes images and needs "
+                           "[C, H, W] with 1, 3 or 4 channels")
+    check_output_dir(job.out, "--out")
+    check_output_file(job.grid, "--grid")
+    check_output_file(job.npz, "--npz")
+
+
+def _predictor_record(path: str | None) -> dict[str, Any]:
+    """The manifest keys of an AMED predictor checkpoint (already loaded, so readable): its fingerprint (weights
+    and settings), its sampling settings and its path."""
+    if path is None:
+        return {}
+    from .amed.checkpoint import SETTINGS, WEIGHTS
+
+    settings = json.loads((Path(path) / SETTINGS).read_text())
+    return {"predictor": {"fingerprint": file_fingerprint(Path(path) / WEIGHTS, Path(path) / SETTINGS),
+                          "settings": {k: v for k, v in settings.items() if k not in ("training", "predictor")}},
+            "predictor_path": str(Path(path).resolve())}
+
+
 def run_sample_job(job: SampleJob) -> int:
     """Run a sampling job; returns how many new PNGs were written (by this rank, under torchrun)."""
-    model = load_model(job.model)
+    model = to_device(load_model(job.model), job.device)
     seeds = parse_seeds(job.seeds)
-    if job.batch < 1:
-        raise FewstepError("--batch must be >= 1")
+    check_job(job, model)
     kwargs: dict[str, Any]
-    if job.predictor is not None:
+    card = None
+    if job.solver.startswith("learned:"):  # a learned solver card (fewstep learn)
+        from .learned import load_card
+
+        card_path = job.solver[len("learned:"):]
+        card = load_card(card_path, model)
+        if job.nfe is not None and job.nfe != card.nfe:
+            raise FewstepError(f"--nfe {job.nfe}: the card {card_path} was learned for NFE {card.nfe}")
+        if job.afs and not card.afs:
+            raise FewstepError(f"--afs: the card {card_path} was learned without AFS")
+        solver, sched, afs, kwargs = card.solver(), card.solver().grid, card.afs, {}
+        schedule = {"name": "learned", "rho": None}
+    elif job.predictor is not None:
         from .amed.checkpoint import load_checkpoint
 
         predictor, settings = load_checkpoint(job.predictor, model)
+        if job.guidance is None and settings.conditions:
+            job.guidance = ConditionSpec.from_json(settings.conditions).guidance
         solver, sched, afs = settings.student, settings.schedule_tensor(), settings.afs
+        schedule = {"name": settings.schedule, "rho": settings.rho}
         kwargs = {**settings.student_options, "predictor": predictor, "bottleneck": model.bottleneck}
     else:
         solver, afs, kwargs = job.solver, job.afs, dict(job.options)
@@ -101,26 +172,51 @@ def run_sample_job(job: SampleJob) -> int:
                 raise FewstepError(f"{solver} cannot use exactly {job.nfe} NFE" + ("" if afs else "; try --afs"))
         if steps is None:
             raise FewstepError("give --nfe or --num-steps")
-        name, rho = (job.schedule, job.rho) if job.schedule else RECOMMENDED_SCHEDULE[solver]
+        name, rho = (job.schedule, job.rho) if job.schedule else get_solver(solver, **kwargs).recommended_schedule
         sched = get_schedule(name, steps, model.sigma_min, model.sigma_max, rho=job.rho if job.rho is not None else rho,
                              model=model)  # discrete / ays schedules read the model
+        schedule = {"name": name, "rho": job.rho if job.rho is not None else rho}
+    model, spec = resolve(model, job.classes, job.prompts, job.guidance, job.classifier_scale)
+    if job.predictor is not None:
+        check_conditions(settings.conditions, spec, f"predictor {job.predictor}")
+    if card is not None:
+        check_conditions(card.conditions, spec, f"card {card_path}")
+        manifest = sample_manifest(model, "learned", {}, sched.tolist(), afs, card.nfe, "float64", schedule=schedule,
+                                   conditions=spec.to_json(), device=str(model.device),
+                                   card={"fingerprint": file_fingerprint(Path(card_path) / "card.json"),
+                                         "label": card.label})
+    else:
+        given = {k: v for k, v in kwargs.items() if k not in ("predictor", "bottleneck")}
+        algo = get_solver(solver, **given)
+        options = {k: getattr(algo, k) for k in algo.options}  # defaults filled in
+        manifest = sample_manifest(model, solver, options, sched.tolist(), afs,
+                                   nfe(solver, len(sched), afs=afs, amed=job.predictor is not None, **options),
+                                   "float64", schedule=schedule, conditions=spec.to_json(),
+                                   device=str(model.device), **_predictor_record(job.predictor))
     out = Path(job.out)
     rank, world = distributed.world()
+    if rank == 0:  # under torchrun rank 0 claims (or clears) the folder, the others then check the same manifest
+        claim_folder(out, manifest, job.overwrite)
+    distributed.barrier()
+    if rank > 0:
+        claim_folder(out, manifest)
     todo = [s for s in seeds[rank::world] if not (out / f"{s:06d}.png").exists()]
     written = 0
     upscale = max(1, 32 // model.shape[-1])
     for i in tqdm(range(0, len(todo), job.batch), desc="sample", disable=not job.progress or not todo or rank > 0):
         chunk = todo[i : i + job.batch]
-        x = sample(model.denoiser, seeded_noise(chunk, model.shape), solver, sched, afs=afs, **kwargs)
+        # conditions per seed (docs/maths.md, "Conditions and guidance")
+        denoiser = conditioned_model(model, spec, chunk).denoiser
+        x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), solver, sched, afs=afs, **kwargs)
         for seed, img in zip(chunk, to_uint8(x)):
             save_png(out / f"{seed:06d}.png", img, upscale)
             written += 1
     distributed.barrier()  # every rank's PNGs exist before rank 0 gathers them
     if rank == 0 and (job.grid or job.npz):
         imgs = np.stack([np.asarray(Image.open(out / f"{s:06d}.png")) for s in seeds])
-        if job.npz:  # uint8 [B, H, W, C] as in EDM's FID convention, with the seeds
+        imgs = imgs if imgs.ndim == 4 else imgs[..., None]  # grey PNGs read as [H, W]
+        if job.npz:  # uint8 [B, H, W, C] as in EDM's FID convention (the PNGs' resolution), with the seeds
             save_npz(job.npz, images=imgs, seeds=np.array(seeds))
         if job.grid:
-            full = imgs if imgs.ndim == 4 else imgs[..., None]
-            save_grid(job.grid, full[:, ::upscale, ::upscale], upscale=upscale * 2)
+            save_grid(job.grid, imgs[:, ::upscale, ::upscale], upscale=upscale * 2)
     return written

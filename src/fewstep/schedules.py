@@ -1,21 +1,29 @@
-"""Time schedules: strictly decreasing σ grids t_0 = σ_max > … > t_{N-1} = σ_min (SPEC §3).
+"""Time schedules: strictly decreasing σ grids t_0 = σ_max > … > t_{N-1} = σ_min (docs/maths.md §3).
 
 Every schedule is returned as a 1-D float64 tensor of N points (`num_steps` counts points, not intervals).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .ays import ays
 from .errors import ModelError, ScheduleError
+from .io import write_json
 
 DEFAULT_SIGMA_MIN = 0.002
 DEFAULT_SIGMA_MAX = 80.0
+FILE_FORMAT = "fewstep-schedule"
+RANGE_RTOL = 1e-4  # a schedule file's endpoints must equal the model's σ range to this relative tolerance
 VP_EPS_S = 1e-3  # the smallest VP time of the fitted VP-linear SDE
 
 
@@ -26,6 +34,8 @@ def check_schedule(sigmas: torch.Tensor | Sequence[float], name: str = "schedule
         raise ScheduleError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() < 2:
         raise ScheduleError(f"{name} needs at least 2 points (num_steps >= 2), got {t.numel()}")
+    if bool((torch.isfinite(t) & (t > 0)).all() & (t[1:] < t[:-1]).all()):
+        return t  # valid (one check for the common case; the messages below say what is wrong)
     if not torch.isfinite(t).all():
         raise ScheduleError(f"{name} contains non-finite values: {t.tolist()}")
     if (t <= 0).any():
@@ -59,7 +69,7 @@ class VPLinear:
 
     @classmethod
     def fit(cls, sigma_min: float, sigma_max: float, eps_s: float = VP_EPS_S) -> VPLinear:
-        """The VP-linear SDE with σ(ε_s) = σ_min and σ(1) = σ_max (SPEC §3)."""
+        """The VP-linear SDE with σ(ε_s) = σ_min and σ(1) = σ_max (docs/maths.md §3)."""
         beta_d = 2 * (math.log(sigma_min**2 + 1) / eps_s - math.log(sigma_max**2 + 1)) / (eps_s - 1)
         beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
         return cls(beta_d, beta_min)
@@ -151,10 +161,64 @@ _SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- schedule files
+
+
+def save_schedule(path: str | os.PathLike, sigmas: torch.Tensor, meta: dict[str, Any] | None = None) -> Path:
+    """Write a schedule file atomically: JSON {"format", "sigmas", "num_steps", "sigma_min", "sigma_max", …meta}."""
+    t = check_schedule(sigmas)
+    data = {"format": FILE_FORMAT, "version": 1, "kind": "gits", **(meta or {}),
+            "sigmas": [float(v) for v in t], "num_steps": len(t),
+            "sigma_min": float(t[-1]), "sigma_max": float(t[0])}
+    return write_json(path, data)
+
+
+def read_schedule_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The σ grid (validated: finite, positive, strictly decreasing) and the metadata of a schedule file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScheduleError(f"schedule file {str(p)!r} not found; create it with `fewstep gits --model MODEL "
+                            f"--nfe NFE --out {p}`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScheduleError(f"schedule file {str(p)!r} is not valid JSON ({e}); regenerate it with `fewstep gits`")
+    if isinstance(data, list):  # a bare list of σ is accepted too
+        data = {"sigmas": data}
+    if not isinstance(data, dict) or not isinstance(data.get("sigmas"), list):
+        raise ScheduleError(f"schedule file {str(p)!r} has no \"sigmas\" list")
+    try:
+        values = [float(v) for v in data["sigmas"]]
+    except (TypeError, ValueError):
+        raise ScheduleError(f"schedule file {str(p)!r}: \"sigmas\" must be a list of numbers") from None
+    return check_schedule(values, f"schedule file {str(p)!r}"), data
+
+
+def load_schedule(path: str | os.PathLike, num_steps: int | None = None, sigma_min: float | None = None,
+                  sigma_max: float | None = None, model: Any = None) -> torch.Tensor:
+    """A schedule file's σ grid, checked against the request: `num_steps` points and the σ range
+    [`sigma_min`, `sigma_max`] (or the `model`'s) at both ends, to a relative tolerance of 1e-4."""
+    t, data = read_schedule_file(path)
+    where = f"schedule file {str(path)!r}"
+    made_for = f" (made for model {data['model']!r})" if data.get("model") else ""
+    if num_steps is not None and num_steps != len(t):
+        nfe = f", NFE {data['nfe']} for {data.get('solver') or 'its solver'}" if data.get("nfe") else ""
+        raise ScheduleError(f"{where} has {len(t)} points{nfe}, but num_steps={num_steps} was asked for; make a "
+                            f"schedule for this step count with `fewstep gits --nfe …`")
+    lo = getattr(model, "sigma_min", sigma_min)
+    hi = getattr(model, "sigma_max", sigma_max)
+    bad_hi = hi is not None and abs(float(t[0]) - float(hi)) > RANGE_RTOL * float(hi)
+    bad_lo = lo is not None and abs(float(t[-1]) - float(lo)) > RANGE_RTOL * float(lo)
+    if bad_hi or bad_lo:
+        raise ScheduleError(f"{where} spans σ ∈ [{float(t[-1]):g}, {float(t[0]):g}]{made_for}, but the model's "
+                            f"σ range is [{lo if lo is not None else '?'}, {hi if hi is not None else '?'}]; "
+                            f"make a schedule for this model with `fewstep gits`")
+    return t
+
+
+
 def _gits(num_steps: int | None, sigma_min: float, sigma_max: float, path: str | None, model: object) -> torch.Tensor:
     """A GITS schedule file (made by `fewstep gits`), checked against num_steps and the (model's) σ range."""
-    from .gits import load_schedule
-
     if not path:
         raise ScheduleError("the 'gits' schedule needs its file: path=FILE or 'gits:FILE' (made by `fewstep gits`)")
     return load_schedule(path, num_steps, sigma_min, sigma_max, model=model)
@@ -162,8 +226,6 @@ def _gits(num_steps: int | None, sigma_min: float, sigma_max: float, path: str |
 
 def _ays(num_steps: int | None, sigma_min: float, sigma_max: float, table: str | None, model: object) -> torch.Tensor:
     """An Align-Your-Steps table ('sd15', 'sdxl', or the model's `ays_table`) log-linearly interpolated."""
-    from .ays import ays
-
     if num_steps is None:
         raise ScheduleError("schedule 'ays' needs num_steps")
     _check_range(num_steps, sigma_min, sigma_max)
@@ -195,6 +257,8 @@ def get_schedule(
     range); `ays` interpolates an Align-Your-Steps table (`table`, or the name 'ays:sd15' / 'ays:sdxl', or the
     `model`'s `ays_table`) to num_steps points.
     """
+    if hasattr(num_steps, "__index__") and not isinstance(num_steps, bool):
+        num_steps = operator.index(num_steps)  # numpy / torch integers count too
     name, _, arg = str(name).partition(":")
     if name in _ARG_SCHEDULES:
         if rho is not None:

@@ -6,6 +6,8 @@ A checkpoint folder is all `fewstep sample --predictor DIR` and `fewstep bench -
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from ..errors import FewstepError, ModelError
 from ..io import atomic_write, write_json
 from ..models.registry import ModelInfo
 from ..schedules import get_schedule
-from ..solvers import sample
+from ..solvers import get_solver, sample
 from .predictor import AMEDPredictor
 
 WEIGHTS = "predictor.safetensors"
@@ -31,7 +33,7 @@ class CheckpointError(FewstepError):
 
 @dataclass
 class SamplingSettings:
-    """Everything needed to sample with a trained predictor (SPEC §5)."""
+    """Everything needed to sample with a trained predictor (docs/maths.md §8)."""
 
     model: str
     model_shape: list[int]
@@ -48,6 +50,7 @@ class SamplingSettings:
     teacher: str
     M: int
     guidance: float | None = None
+    conditions: dict[str, Any] | None = None  # fewstep.conditioning.ConditionSpec.to_json() of a conditional model
     sigmas: list[float] | None = None  # the exact student grid (so gits:FILE need not exist at sampling time)
     model_fingerprint: str = ""  # the weights the predictor was trained on (networks)
     predictor: dict[str, Any] = field(default_factory=dict)
@@ -105,10 +108,15 @@ def load_checkpoint(path: str | Path, model: ModelInfo | None = None) -> tuple[A
             raise CheckpointError(f"{path} is not a predictor checkpoint: {name} is missing")
     try:
         raw = json.loads((path / SETTINGS).read_text())
-        raw.pop("format", None)
+        _check_settings(raw, path / SETTINGS)
+        raw.pop("format")
         settings = SamplingSettings(**raw)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / SETTINGS} is corrupt or not an AMED settings file: {e}") from e
+    try:
+        get_solver(settings.student, **settings.student_options)
+    except FewstepError as e:
+        raise CheckpointError(f"{path / SETTINGS}: {e}") from e
     try:
         state = load_file(path / WEIGHTS)
     except Exception as e:
@@ -123,6 +131,101 @@ def load_checkpoint(path: str | Path, model: ModelInfo | None = None) -> tuple[A
     if model is not None:
         settings.check_model(model)
     return predictor.eval(), settings
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_NAME = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_POSITIVE = (lambda v: _is_number(v) and v > 0, "a positive number")
+_SCALE = (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+_SIZE = (lambda v: _is_int(v) and 0 < v <= 65536, "an integer in 1…65536")
+# amed.json field → (check, what it must be); fields missing here are checked by SamplingSettings itself
+SETTINGS_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": _NAME, "student": _NAME, "teacher": _NAME, "schedule": _NAME,
+    "model_shape": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(s) and s > 0 for s in v),
+                    "a list of positive integers"),
+    "num_steps": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "M": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "student_options": (lambda v: isinstance(v, dict), "an object"),
+    "rho": (lambda v: v is None or _POSITIVE[0](v), "null or a positive number"),
+    "sigma_min": _POSITIVE, "sigma_max": _POSITIVE, "scale_dir": _SCALE, "scale_time": _SCALE,
+    "afs": (lambda v: isinstance(v, bool), "true or false"),
+    "guidance": (lambda v: v is None or _is_number(v), "null or a number"),
+    "conditions": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+    "sigmas": (lambda v: v is None or (isinstance(v, list) and all(_is_number(s) for s in v)),
+               "null or a list of numbers"),
+    "model_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "predictor": (lambda v: isinstance(v, dict), "an object"),
+    "training": (lambda v: isinstance(v, dict), "an object"),
+}
+PREDICTOR_FIELDS = {"feature_dim": _SIZE, "hidden": _SIZE, "time_channels": _SIZE, "scale_dir": _SCALE,
+                    "scale_time": _SCALE}
+
+
+def _check_settings(raw: Any, where: Path) -> None:
+    """Refuse an amed.json whose values have the wrong type or range (hand-edited, or from another program)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format {raw.get('format')!r} is not {FORMAT_VERSION}, the version this "
+                              "fewstep reads")
+    checks = [(k, v, SETTINGS_FIELDS[k]) for k, v in raw.items() if k in SETTINGS_FIELDS]
+    predictor = raw.get("predictor") if isinstance(raw.get("predictor"), dict) else {}
+    checks += [(f"predictor.{k}", v, PREDICTOR_FIELDS[k]) for k, v in predictor.items() if k in PREDICTOR_FIELDS]
+    for key, value, (ok, what) in checks:
+        if not ok(value):
+            raise CheckpointError(f"{where}: {key} must be {what}, got {json.dumps(value)[:60]}")
+    if raw.get("sigma_min", 0) >= raw.get("sigma_max", math.inf):
+        raise CheckpointError(f"{where}: sigma_min must be below sigma_max")
+
+
+def model_identity(model: ModelInfo) -> dict[str, Any]:
+    """What identifies a model's outputs: name, shape, σ range and weights fingerprint."""
+    return {"name": model.name, "shape": list(model.shape), "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max, "fingerprint": model.fingerprint}
+
+
+def check_no_predictor(out: str | Path) -> None:
+    """Refuse to train into a folder that holds a finished predictor but no training state to resume."""
+    out = Path(out)
+    if (out / WEIGHTS).exists() or (out / SETTINGS).exists():
+        raise CheckpointError(f"--out {out}: already holds a trained predictor and no train_state.pt to resume; "
+                              "use another --out, or delete the folder to retrain")
+
+
+def resume_state(path: Path, identity: dict[str, Any], predictor: AMEDPredictor,
+                 optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    """Load a training state into `predictor` and `optimizer`; returns (iteration, loss history).
+
+    The state must have been saved with the same `identity` (every setting, conditions, model identity), else
+    CheckpointError names what differs: a run never resumes another model's or another configuration's state.
+    """
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated, foreign or unpicklable: torch raises many types
+        raise CheckpointError(f"{path} is corrupt or not a training state ({type(e).__name__}: {e}); delete it "
+                              "to start afresh") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training state; delete it to start afresh")
+    differ = [k for k in identity if state.get(k) != identity[k]]
+    if differ:
+        detail = [f"{k}.{s}" for k in differ if isinstance(identity[k], dict) and isinstance(state.get(k), dict)
+                  for s in sorted(set(identity[k]) | set(state[k])) if identity[k].get(s) != state[k].get(s)]
+        raise CheckpointError(f"{path} belongs to another training run (different {', '.join(detail or differ)}); "
+                              "use another --out, or delete it to start afresh")
+    try:
+        predictor.load_state_dict(state["predictor"])
+        optimizer.load_state_dict(state["optimizer"])
+        iteration, history = int(state["iteration"]), list(state["history"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to start afresh") from e
+    return iteration, history
 
 
 def sample_checkpoint(model: ModelInfo, noise: torch.Tensor, predictor: AMEDPredictor,

@@ -1,10 +1,12 @@
 """What AMED's predictor sees at t_n: 64 numbers from the model call D(x_n, t_n), at zero extra NFE.
 
 * Models that declare a bottleneck module (U-Nets): its output, captured by a forward hook during the call,
-  averaged over channels and pooled to 8×8 (SPEC §5).
+  averaged over channels and pooled to 8×8 (docs/maths.md §8).
 * Models without one (the analytic models): the same reduction applied to the denoised estimate D(x_n, t_n)
   itself — the network's best guess of the final sample, which is what decides the trajectory's curvature.
 * Nodes whose call AFS skipped get zeros.
+* Under classifier-free guidance (fewstep.conditioning) the network sees the doubled batch [∅; c]: the features
+  are those of the conditional rows (the last B).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ class BottleneckHook:
         self.latest = out
 
     def features(self, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        if self.latest is None or self.latest.shape[0] != x.shape[0]:
+        b = x.shape[0]
+        if self.latest is None or self.latest.shape[0] not in (b, 2 * b):
             raise RuntimeError("the bottleneck hook saw no output of the expected batch size during the model call")
-        feats = reduce_to_features(self.latest)
+        feats = reduce_to_features(self.latest[-b:])  # the conditional rows of a guided (doubled) batch
         self.latest = None
         return feats
 

@@ -1,4 +1,4 @@
-"""AMED's predictor (SPEC §5): ≈9k parameters choosing (r_n, c_n, a_n) for every interval, at zero NFE."""
+"""AMED's predictor (docs/maths.md §8): ≈9k parameters choosing (r_n, c_n, a_n) for every interval, at zero NFE."""
 
 from __future__ import annotations
 

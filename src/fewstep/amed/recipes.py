@@ -1,4 +1,4 @@
-"""Named AMED training recipes: the paper's two (SPEC §5) and this project's improved ones.
+"""Named AMED training recipes: the paper's two (docs/maths.md §8) and this project's improved ones.
 
 The improved recipes change three things, each measured in benchmarks/amed_bench.py: a far more accurate
 teacher (DEIS-tAB order 4 with M = 15 inserted points instead of Heun/iPNDM with M = 1–2: distilling a teacher

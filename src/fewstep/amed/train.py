@@ -1,4 +1,4 @@
-"""Training AMED predictors by trajectory distillation (SPEC §5).
+"""Training AMED predictors by trajectory distillation (docs/maths.md §8).
 
 The teacher runs a base solver on the same schedule family with M extra points in every student interval
 and is read at the student's grid points. The student takes one interval at a time from the teacher's point
@@ -6,6 +6,9 @@ and is read at the student's grid points. The student takes one interval at a ti
 so that their history stays consistent), and the loss is ‖x_student − x_teacher‖² summed per sample,
 averaged over the batch. Loss modes: `step` (the paper: one backward per interval, states detached between
 intervals), `e2e` (only the final state, gradients through the whole rollout) and `step+e2e` (both).
+
+A conditional model is trained over a distribution of conditions (`conditions`, a ConditionSpec: each training
+seed gets its own class or prompt and the run's guidance scale), recorded in the checkpoint's `amed.json`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..conditioning import ConditionSpec, conditioned_model
 from ..errors import FewstepError, SolverError
 from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
-from ..solvers import Evaluator, Node, get_solver, sample
-from ..solvers.base import StepInfo, afs_node
-from .checkpoint import SamplingSettings, save_checkpoint
+from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, run, sample
+from .checkpoint import SamplingSettings, check_no_predictor, model_identity, resume_state, save_checkpoint
 from .features import feature_source
 from .predictor import AMEDPredictor
 
@@ -63,8 +66,21 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss not in LOSS_MODES:
             raise FewstepError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
-        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.kimg <= 0 or self.pool < 0:
-            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1, kimg > 0 and pool >= 0")
+        for name in ("M", "num_steps", "batch", "pool", "seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise FewstepError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.pool < 0 or not 0 <= self.seed <= 10**6:
+            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1, pool >= 0 and 0 <= seed <= 1000000")
+        numbers = {"kimg": self.kimg, "lr": self.lr, "scale_dir": self.scale_dir, "scale_time": self.scale_time,
+                   "rho": 1.0 if self.rho is None else self.rho}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise FewstepError(f"{name} must be a finite number, got {value!r}")
+        if self.kimg <= 0 or self.lr <= 0 or numbers["rho"] <= 0:
+            raise FewstepError(f"need kimg > 0, lr > 0 and rho > 0, got {self.kimg}, {self.lr}, {self.rho}")
+        if not (0 <= self.scale_dir < 1 and 0 <= self.scale_time < 1):
+            raise FewstepError(f"scale_dir and scale_time bound c and a in [1-s, 1+s]: need 0 <= s < 1, got "
+                               f"{self.scale_dir} and {self.scale_time}")
         if self.student == "heun":
             raise SolverError("heun has no AMED-Plugin; choose amed, euler, dpm2, ipndm, ipndm_v, deis, dpmpp or unipc")
         get_solver(self.student, **self.student_options)
@@ -80,7 +96,16 @@ def _detached(hist: list[Node]) -> list[Node]:
 
 
 def student_schedule(model: ModelInfo, cfg: TrainConfig) -> torch.Tensor:
-    """The student's grid; `gits` searches a GITS schedule for this model and N (default search settings)."""
+    """The student's grid; `gits` searches a GITS schedule for this model and N (default search settings);
+    `card:DIR` takes the σ grid of a learned solver card (AMED-Plugin on a learned grid)."""
+    if cfg.schedule.startswith("card:"):
+        from ..learned import load_card
+
+        card = load_card(cfg.schedule[5:], model)
+        if card.num_steps != cfg.num_steps:
+            raise FewstepError(f"the card {cfg.schedule[5:]} has a {card.num_steps}-point grid; AMED needs "
+                               f"num_steps={cfg.num_steps}")
+        return torch.tensor(card.sigmas, dtype=torch.float64)
     if cfg.schedule == "gits":
         from ..gits import cached_search
 
@@ -111,46 +136,49 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
             targets: torch.Tensor, features: Any) -> tuple[torch.Tensor, list[float], list[Any]]:
     """One student rollout against the teacher states; backpropagates the configured loss.
 
+    A consumer of the driver (`fewstep.solvers.run`): single-step students answer each grid request at the
+    teacher's state (teacher forcing), and with the `step` loss every interval's graph is cut at its grid point.
     Returns the final state, the per-interval losses and the controls used (for the progress bar).
     """
     student = get_solver(cfg.student, **cfg.student_options)
     ev = Evaluator(model.denoiser, features=features)
     forcing = cfg.student in SINGLE_STEP
     per_step = cfg.loss in ("step", "step+e2e")
-    n_int = len(sigmas) - 1
-    t = [sigmas[i : i + 1] for i in range(len(sigmas))]
-    x = targets[0]
-    hist = [afs_node(x, t[0]) if cfg.afs else ev(x, t[0], 0)]
     losses, controls = [], []
-    for i in range(n_int):
-        if forcing and i > 0:  # teacher forcing: restart the interval from the teacher's state
-            x = targets[i]
-            hist = [ev(x, t[i], i)]
-        control = predictor.control(hist[-1], t[i], t[i + 1])
-        controls.append(control)
-        sub = student.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, float(sigmas[-1]), float(sigmas[0])), ev,
-                              control)
-        x, hist = sub.x_next, sub.hist
-        if not forcing and i + 1 < n_int:
-            hist = [*hist[-student.history :], ev(x, t[i + 1], i + 1)]
-            x = student.correct(sub.x_prev, x, hist, sub.info, sub.scale)
-        loss = (x - targets[i + 1]).pow(2).reshape(x.shape[0], -1).sum(1).mean()
+
+    def control(node: Node, t_cur: torch.Tensor, t_next: torch.Tensor) -> Any:
+        controls.append(predictor.control(node, t_cur, t_next))
+        return controls[-1]
+
+    def evaluate(req: ModelRequest) -> Node:
+        x = targets[req.index] if forcing and req.grid_point else req.x  # teacher forcing: restart from the teacher
+        return ev(x, req.sigma, req.index, model_sigma=req.model_sigma)
+
+    def on_grid_point(point: GridPoint) -> GridPoint | None:
+        if point.index == 0:
+            return None
+        x = point.stepped if forcing else point.x  # the student's own state (before forcing replaced it)
+        loss = (x - targets[point.index]).pow(2).reshape(x.shape[0], -1).sum(1).mean()
         losses.append(float(loss.detach()))
         if per_step:
             loss.backward(retain_graph=cfg.loss == "step+e2e")
-            if cfg.loss == "step":
-                x, hist = x.detach(), _detached(hist)
+        if cfg.loss == "step":
+            return replace(point, x=point.x.detach(), hist=_detached(point.hist))
+        return None
+
+    x = answer(run(student, targets[0], sigmas, afs=cfg.afs, controller=control), evaluate, on_grid_point)
     if cfg.loss in ("e2e", "step+e2e"):
         (x - targets[-1]).pow(2).reshape(x.shape[0], -1).sum(1).mean().backward()
     return x, losses, controls
 
 
-def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress: bool) -> torch.Tensor:
+def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress: bool,
+                  spec: ConditionSpec) -> torch.Tensor:
     """Teacher states [N, pool, …] for seeds first_seed…, computed once (a network teacher is the costly part)."""
-    chunks = range(0, cfg.pool, cfg.batch)
-    parts = [teacher_states(model, seeded_noise(range(first_seed + i, first_seed + min(i + cfg.batch, cfg.pool)),
-                                                model.shape), cfg)
-             for i in tqdm(chunks, desc="teacher pool", disable=not progress, leave=False)]
+    chunks = [range(first_seed + i, first_seed + min(i + cfg.batch, cfg.pool)) for i in range(0, cfg.pool, cfg.batch)]
+    parts = [teacher_states(conditioned_model(model, spec, seeds),
+                            seeded_noise(seeds, model.shape, device=model.device), cfg)
+             for seeds in tqdm(chunks, desc="teacher pool", disable=not progress, leave=False)]
     return torch.cat(parts, dim=1)
 
 
@@ -171,7 +199,8 @@ def _stats(controls: list[Any]) -> dict[str, str]:
 
 
 def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
-          log_every: int = 0) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
+          log_every: int = 0, conditions: ConditionSpec | None = None,
+          ) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
     """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present).
 
     Checkpoints every 50 iterations, at the end and on Ctrl-C. Under torchrun (WORLD_SIZE > 1) rank r trains
@@ -179,6 +208,8 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     gives the single-process gradient; rank 0 writes the files.
     """
     cfg.validate()
+    spec = conditions or ConditionSpec()
+    conditioned_model(model, spec, [])  # refuses conditions for an unconditional model and vice versa
     rank, world = distributed.world()
     if world > min(cfg.batch, cfg.pool or cfg.batch):
         raise FewstepError(f"{world} ranks need a batch (and pool) of at least {world}")
@@ -188,22 +219,21 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
     start_it, history = 0, []
     state_path = Path(out) / "train_state.pt" if out is not None else None
+    # what a resumed run must share with the saved state: every setting, the conditions and the model itself
+    identity = {"config": asdict(cfg), "conditions": spec.to_json(), "model": model_identity(model)}
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise FewstepError(f"{state_path} belongs to a different training configuration; use another --out")
-        predictor.load_state_dict(state["predictor"])
-        opt.load_state_dict(state["optimizer"])
-        start_it, history = state["iteration"], state["history"]
+        start_it, history = resume_state(state_path, identity, predictor, opt)
+    elif out is not None:
+        check_no_predictor(out)
     began = time.perf_counter()
     bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress or rank > 0,
                initial=start_it, total=cfg.iterations)
     first_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
-    pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0) if cfg.pool else None
+    pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0, spec) if cfg.pool else None
 
     def save_state(iteration: int) -> None:
         if state_path is not None and rank == 0:
-            snapshot = {"config": asdict(cfg), "predictor": predictor.state_dict(),
+            snapshot = {**identity, "predictor": predictor.state_dict(),
                         "optimizer": opt.state_dict(), "iteration": iteration, "history": history}
             atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
 
@@ -213,12 +243,15 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
             for it in bar:
                 if pool is None:
                     batch = range(first_seed + it * cfg.batch, first_seed + (it + 1) * cfg.batch)
-                    targets = teacher_states(model, seeded_noise(batch[rank::world], model.shape), cfg)
+                    seeds = list(batch[rank::world])
+                    bound = conditioned_model(model, spec, seeds)
+                    targets = teacher_states(bound, seeded_noise(seeds, model.shape, device=model.device), cfg)
                 else:
                     batch = _pool_batch(cfg, it)
                     targets = pool[:, batch[rank::world]]
+                    bound = conditioned_model(model, spec, [first_seed + int(j) for j in batch[rank::world]])
                 opt.zero_grad(set_to_none=True)
-                _, losses, controls = rollout(model, predictor, cfg, sigmas, targets, features)
+                _, losses, controls = rollout(bound, predictor, cfg, sigmas, targets, features)
                 loss = sum(losses)
                 if world > 1:  # this rank's share of the batch mean, summed over the ranks
                     share = len(batch[rank::world]) / len(batch)
@@ -250,6 +283,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
         student_options=dict(cfg.student_options), schedule=cfg.schedule, rho=cfg.rho,
         sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
         scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M, sigmas=sigmas.tolist(),
+        guidance=spec.guidance if spec.conditional else None, conditions=spec.to_json() if spec.conditional else None,
         training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"}},
     )
     if out is not None and rank == 0:

@@ -1,4 +1,4 @@
-"""Trajectory geometry (SPEC §7, the AMED paper's key observation): how close to a 2-D subspace does each
+"""Trajectory geometry (docs/maths.md §9, the AMED paper's key observation): how close to a 2-D subspace does each
 sampling trajectory stay?
 
 For each trajectory {x_i} (i = 0 … N−1, x_0 at σ_max here, x_{N−1} the result): centre it, PCA it, and measure
@@ -102,45 +102,16 @@ def trajectory_geometry(traj: torch.Tensor, d: torch.Tensor | None = None, max_k
     )
 
 
-def _fingerprint(x: torch.Tensor) -> tuple[Any, ...]:
-    """Identifies a state exactly enough to tell a trajectory point from the solver's other states at the same σ
-    (shape, dtype, float64 sum, sum of squares and a strided sample) without keeping the state."""
-    flat = x.detach().reshape(-1)
-    return (tuple(x.shape), x.dtype, float(flat.double().sum()), float(flat.double().pow(2).sum()),
-            flat[:: max(1, flat.numel() // 61)].double().cpu().numpy().tobytes())
-
-
-class _Recorder:
-    """Wraps a denoiser and keeps, per σ, the last call's fingerprint of x and D(x, σ): the driver's evaluation of
-    the state arriving at a grid point comes last at that σ, so d_i along the trajectory costs no extra call and
-    memory stays one trajectory's worth."""
-
-    def __init__(self, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.denoiser = denoiser
-        self.calls: dict[float, tuple[tuple[Any, ...], torch.Tensor]] = {}
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = self.denoiser(x, sigma)
-        s = sigma.reshape(-1)
-        if s.numel() and bool((s == s[0]).all()):
-            self.calls[float(s[0])] = (_fingerprint(x), out)
-        return out
-
-
 def directions_along(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], states: torch.Tensor,
-                     sigmas: torch.Tensor, calls: dict[float, tuple[tuple[Any, ...], torch.Tensor]] | None = None
-                     ) -> torch.Tensor:
-    """d_i = (x_i − D(x_i, t_i))/t_i for states [N', B, …] at sigmas [N']; reuses a call recorded by `_Recorder`
-    on the very same state at the same σ and evaluates D only where there is none."""
+                     sigmas: torch.Tensor) -> torch.Tensor:
+    """d_i = (x_i − D(x_i, t_i))/t_i for states [N', B, …] at sigmas [N'], one denoiser call per point.
+    (`analyze` takes them from the sampler's own calls instead: `fewstep.solvers.sample_with_directions`.)"""
+    from ..solvers import Node
+
     out = torch.empty_like(states)
     for i in range(states.shape[0]):
-        xi, t = states[i], float(sigmas[i])
-        rec = (calls or {}).get(float(torch.tensor(t, dtype=xi.dtype)))
-        if rec is not None and rec[0] == _fingerprint(xi):
-            den = rec[1]
-        else:
-            den = denoiser(xi, torch.full((xi.shape[0],), t, dtype=xi.dtype))
-        out[i] = (xi - den.to(xi.dtype)) / t
+        xi, t = states[i], sigmas[i : i + 1].to(torch.float64)
+        out[i] = Node(t, xi, denoiser(xi, t.to(xi.dtype).expand(xi.shape[0])).to(xi.dtype)).d
     return out
 
 
@@ -192,12 +163,12 @@ def analyze(model: Any, solver: str = "heun", num_steps: int = 41, n: int = 1000
     """Sample n trajectories of a built-in model (`ModelInfo`) with per-seed noise and measure them in batches."""
     from ..noise import seeded_noise
     from ..schedules import get_schedule
-    from ..solvers import RECOMMENDED_SCHEDULE, nfe, sample
+    from ..solvers import get_solver, nfe, sample_with_directions
 
     options = dict(options or {})
     if n < 1:
         raise FewstepError("--n must be >= 1")
-    default_name, default_rho = RECOMMENDED_SCHEDULE.get(solver, ("polynomial", 7.0))
+    default_name, default_rho = get_solver(solver, **options).recommended_schedule
     name = schedule or default_name
     sched = get_schedule(name, num_steps, model.sigma_min, model.sigma_max,
                         rho=rho if rho is not None else (default_rho if name == default_name else None))
@@ -207,12 +178,9 @@ def analyze(model: Any, solver: str = "heun", num_steps: int = 41, n: int = 1000
     start = time.perf_counter()
     parts = []
     for i in tqdm(range(0, n, batch), desc="analyze", disable=not progress, leave=False):
-        rec = _Recorder(model.denoiser)
         noise = seeded_noise(seeds[i : i + batch], model.shape)
-        with torch.no_grad():
-            traj = sample(rec, noise, solver, sched, return_trajectory=True, **options)  # [N, B, …]
-            d = directions_along(model.denoiser, traj[:-1], sched[:-1], rec.calls)
-        rec.calls.clear()
+        # states [N, B, …] and directions [N−1, B, …]
+        traj, d = sample_with_directions(model.denoiser, noise, solver, sched, **options)
         parts.append(trajectory_geometry(traj.transpose(0, 1), d.transpose(0, 1), max_k))
         del traj, d
     settings = {"model": model.name, "solver": solver, "schedule": name, "rho": rho, "options": options,

@@ -15,7 +15,7 @@ from ..errors import SolverError
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
-from ..solvers import RECOMMENDED_SCHEDULE, get_solver, num_steps_for_nfe, sample
+from ..solvers import get_solver, num_steps_for_nfe, sample
 from .reference import reference_solution, rmse
 
 DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
@@ -37,13 +37,19 @@ class SolverSpec:
         head, _, sched = text.partition("@")
         name, _, opts = head.partition(":")
         options = parse_options(opts.split(","))
-        get_solver(name, **options)  # validate name and options now, not halfway through a benchmark
-        default_sched, default_rho = RECOMMENDED_SCHEDULE[name]
+        # validate name and options now, not halfway through a benchmark
+        default_sched, default_rho = get_solver(name, **options).recommended_schedule
         sched_name, _, rho = sched.partition(":")
         if sched_name in ("gits", "ays"):  # 'gits' (searched per NFE for the model), 'gits:FILE', 'ays:TABLE'
             return cls(name, options, sched, None)
         if rho:
-            return cls(name, options, sched_name or default_sched, float(rho))
+            try:
+                value = float(rho)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise SolverError(f"solver spec {text!r}: the schedule's ρ must be a positive number, got {rho!r}")
+            return cls(name, options, sched_name or default_sched, value)
         if sched_name in ("", default_sched):
             return cls(name, options, default_sched, default_rho)
         return cls(name, options, sched_name, None)  # that schedule's own default ρ
@@ -103,7 +109,7 @@ def run_bench(
     loaded = [(str(p), *load_checkpoint(p, model)) for p in predictors]  # fail early on a bad checkpoint
     cards = [(str(p), load_card(p, model)) for p in learned]
     ref = reference_solution(model, seeds, progress=progress)
-    noise = seeded_noise(seeds, model.shape)
+    noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
     records = []
     jobs = [(s, n) for s in specs for n in nfes]
     for spec, target in tqdm(jobs, desc="bench", disable=not progress, leave=False):
@@ -210,11 +216,12 @@ def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],
     header = ["solver", "schedule", *[f"NFE {n}" for n in nfes]]
     best = {n: min((r[metric] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
     rows: dict[tuple[str, str], list[str]] = {}
-    mixed_afs = len({r["afs"] for r in records}) > 1  # label the AFS rows only when both kinds are present
+    mixed_afs = len({bool(r.get("afs")) for r in records}) > 1  # label the AFS rows only when both kinds are present
     for r in records:
         if r["nfe"] not in nfes:
             continue
-        label = r["solver"] + (" +AFS" if mixed_afs and r["afs"] and not r.get("learned") else "")
+        marked = r["solver"].endswith(" +AFS")  # the demo's labels carry it already
+        label = r["solver"] + (" +AFS" if mixed_afs and r.get("afs") and not r.get("learned") and not marked else "")
         row = rows.setdefault((label, r["schedule"]), ["–"] * len(nfes))
         mark = "*" if r[metric] == best[r["nfe"]] else ""
         row[list(nfes).index(r["nfe"])] = f"{r[metric]:.4f}{mark}"

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
+from ..conditioning import add_condition_args, conditioned_model, from_args
 from ..errors import FewstepError
+from ..io import check_output_dir, check_output_file
 
 
 def _console() -> Any:
@@ -24,11 +27,14 @@ def _console() -> Any:
 
 
 def _device(name: str) -> str:
+    """--device: 'auto' (cuda when available), or a device that exists on this machine (fewstep.device)."""
     import torch
+
+    from ..device import resolve_device
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _feature_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -49,11 +55,12 @@ def _feature_args(p: argparse.ArgumentParser, default: str | None) -> None:
 def cmd_fid_ref(args: argparse.Namespace) -> int:
     from .fid import compute_stats
 
+    check_output_file(args.dest, "--dest")
     start = time.perf_counter()
     stats = compute_stats(args.images, args.features, batch=args.batch, device=_device(args.device),
                           reservoir=args.kid_features, progress=not args.no_progress, weights=args.inception_weights)
     stats.save(args.dest, source=str(args.images))
-    _console().print(f"wrote {args.dest}: {stats.n} images, {stats.dim}-d {args.features} features"
+    _console().print(f"wrote {escape(args.dest)}: {stats.n} images, {stats.dim}-d {args.features} features"
                      + (f", {len(stats.kid_features)} kept for KID" if stats.kid_features is not None else "")
                      + f" ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -73,6 +80,8 @@ def _resolve_ref(ref: str) -> Any:
 def cmd_fid_calc(args: argparse.Namespace) -> int:
     from .fid import fid_score
 
+    if args.json not in (None, "-"):
+        check_output_file(args.json, "--json")
     start = time.perf_counter()
     ref = _resolve_ref(args.ref)
     result = fid_score(args.images, ref, features=args.features, kid=args.kid, batch=args.batch,
@@ -101,9 +110,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..models import load_model
     from .analysis import analyze, write_report
 
-    model = load_model(args.model)
+    check_output_dir(args.out, "--out")
+    model, conditions = from_args(load_model(args.model), args)
+    batch = args.batch
+    # conditions bound for the seeds, run as one batch (docs/maths.md, "Conditions and guidance")
+    if conditions.conditional:
+        model = conditioned_model(model, conditions, range(args.first_seed, args.first_seed + args.n))
+        batch = args.n
     result = analyze(model, args.solver, args.num_steps, args.n, first_seed=args.first_seed, schedule=args.schedule,
-                     rho=args.rho, batch=args.batch, options=parse_options(args.opt), progress=not args.no_progress)
+                     rho=args.rho, batch=batch, options=parse_options(args.opt), progress=not args.no_progress)
     files = write_report(result, args.out)
     s = result.summary()
     if args.json:
@@ -111,7 +126,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     ev = s["explained_variance"]
     console = _console()
-    console.print(f"{model.name}, {args.solver}, {args.num_steps} points (NFE {s['nfe']}), {s['n']} trajectories, "
+    console.print(f"{escape(model.name)}, {escape(args.solver)}, {args.num_steps} points (NFE {s['nfe']}), "
+                  f"{s['n']} trajectories, "
                   f"{result.seconds:.1f} s")
     for k, e in ev.items():
         err = s["relative_reconstruction_error"][k]
@@ -121,7 +137,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         console.print(f"  angle(d_i, x_i − x_end): mean {s['angle_d_vs_x_minus_end_deg']['mean']:.2f}°, "
                       f"max {s['angle_d_vs_x_minus_end_deg']['max']:.2f}°;  distance to the line x_T → x_end: "
                       f"max {s['line_deviation']['max_rel']:.3g} of its length")
-    console.print(f"wrote {', '.join(f.name for f in files)} to {args.out}")
+    console.print(f"wrote {', '.join(f.name for f in files)} to {escape(args.out)}")
     return 0
 
 
@@ -150,7 +166,7 @@ def bench_report(args: argparse.Namespace, records: Sequence[dict[str, Any]], nf
                     f"{args.n} samples (* best per NFE)")
     if getattr(args, "plot", None):
         plot_error_vs_nfe(records, args.plot, title=f"{args.model}: {args.n} samples", metric=metrics)
-        _console().print(f"wrote {args.plot}")
+        _console().print(f"wrote {escape(args.plot)}")
 
 
 def add_commands(sub: Any) -> None:
@@ -188,7 +204,8 @@ def add_commands(sub: Any) -> None:
                        description="Sample n trajectories and measure, per trajectory, the PCA reconstruction error "
                                    "with k = 1…4 components at every step, the cumulative explained variance, the "
                                    "distance from the straight line x_T → x_end and the angle between d and "
-                                   "x − x_end (SPEC §7). Writes summary.json, per_trajectory.npz and PNG plots.")
+                                   "x − x_end (docs/maths.md §9). Writes summary.json, per_trajectory.npz and PNG "
+                                   "plots.")
     a.add_argument("--model", default="digits-opt", type=model_arg,
                    help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + "; default digits-opt")
     a.add_argument("--solver", default="heun", help="solver (default heun)")
@@ -202,25 +219,18 @@ def add_commands(sub: Any) -> None:
                    help="trajectories per batch (default: 64 MB of float64 trajectories, ~6x that at peak)")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_condition_args(a)
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=cmd_analyze)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run these subcommands without the main `fewstep` parser (same error handling as `fewstep`)."""
-    parser = argparse.ArgumentParser(prog="python -m fewstep.evaluation.commands", description=__doc__)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    threads = int(os.environ.get("FEWSTEP_THREADS", "0") or 0)
-    if threads > 0:
-        import torch
+    from ..cli import Parser, run
 
-        torch.set_num_threads(threads)
-    try:
-        return args.func(args)
-    except FewstepError as e:
-        _console().print(f"[red]error:[/red] {e}")
-        return 2
+    parser = Parser(prog="python -m fewstep.evaluation.commands", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import FewstepError
 from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
@@ -19,7 +20,7 @@ from ..solvers import sample
 
 REFERENCE_SOLVER = "heun"
 REFERENCE_STEPS = 1000  # grid points of polynomial ρ = 7: 1 998 NFE; its error is ~1e-6 on the analytic models
-NETWORK_REFERENCE_STEPS = 500  # networks (SPEC §8: a 500+-step Heun solve): 998 NFE
+NETWORK_REFERENCE_STEPS = 500  # networks (docs/maths.md §11: a 500+-step Heun solve): 998 NFE
 
 
 def cache_dir() -> Path:
@@ -30,6 +31,8 @@ def cache_dir() -> Path:
 def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
     seed_hash = hashlib.sha1(",".join(map(str, seeds)).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name) + (f"-{model.fingerprint}" if model.fingerprint else "")
+    # conditions and guidance (docs/maths.md, "Conditions and guidance")
+    name += f"-c{model.condition_key}" if model.condition_key else ""
     return f"ref-{name}-s{seeds[0]}-n{len(seeds)}-{seed_hash}-{REFERENCE_SOLVER}{num_steps}"
 
 
@@ -48,16 +51,22 @@ def reference_solution(
         except Exception as e:  # a corrupt or foreign file: recompute rather than trust it
             warnings.warn(f"ignoring unreadable reference cache {path}: {e}", stacklevel=2)
     sched = get_schedule("polynomial", num_steps, model.sigma_min, model.sigma_max, rho=7.0)
+    if model.condition_key:  # conditions are bound for exactly these seeds (conditioning.conditioned_model)
+        batch = len(seeds)
     parts = []
     for i in range(0, len(seeds), batch):
-        noise = seeded_noise(seeds[i : i + batch], model.shape)
-        parts.append(sample(model.denoiser, noise, REFERENCE_SOLVER, sched, progress=progress))
+        noise = seeded_noise(seeds[i : i + batch], model.shape, device=model.device)
+        parts.append(sample(model.denoiser, noise, REFERENCE_SOLVER, sched, progress=progress).cpu())
     x = torch.cat(parts).contiguous()
-    atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
+    try:
+        atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
+    except OSError as e:
+        raise FewstepError(f"cannot write the reference cache {path.parent} ({e.strerror or e}); set "
+                           "$FEWSTEP_CACHE to a writable folder") from e
     return x
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over samples of the per-sample RMSE."""
-    diff = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
+    diff = (x.to(device=ref.device, dtype=torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
     return float(diff.pow(2).mean(1).sqrt().mean())

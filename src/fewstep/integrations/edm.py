@@ -45,7 +45,9 @@ def bottleneck_of(net: nn.Module) -> nn.Module | None:
 
 
 class EDMDenoiser:
-    """D(x, σ) of an EDM network; `class_label` (int) conditions class-conditional networks on one class."""
+    """D(x, σ) of an EDM network; `class_label` (int) conditions class-conditional networks on one class, and
+    `denoiser(x, σ, labels)` on a class per sample (int64 [B]; label_dim = ∅, a zero label vector as in EDM's
+    label dropout) for fewstep.conditioning (`--classes`, `--guidance`)."""
 
     def __init__(self, net: nn.Module, class_label: int | None = None):
         self.net = net
@@ -54,10 +56,18 @@ class EDMDenoiser:
             raise ModelError(f"class_label {class_label} out of range for a network with {self.label_dim} classes")
         self.class_label = class_label
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def to(self, device: str | torch.device) -> EDMDenoiser:
+        """Move the network (in place); inputs already on its device and in float32 are then not copied."""
+        self.net.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.net.parameters()).device
         labels = None
-        if self.label_dim and self.class_label is not None:
+        if class_labels is not None:
+            one_hot = torch.eye(self.label_dim + 1, device=device)[class_labels.to(device, torch.long)]
+            labels = one_hot[:, : self.label_dim]  # row label_dim (∅) is all zeros
+        elif self.label_dim and self.class_label is not None:
             labels = torch.zeros(x.shape[0], self.label_dim, device=device)
             labels[:, self.class_label] = 1
         out = self.net(x.to(device, torch.float32), sigma.to(device, torch.float32), labels)
@@ -93,10 +103,13 @@ def load_edm(path: str | Path, class_label: int | None = None, device: str | tor
     hi = min(float(getattr(net, "sigma_max", float("inf"))), 80.0)
     res, ch = int(net.img_resolution), int(net.img_channels)
     label = "" if class_label is None else f", class {class_label}"
+    den = EDMDenoiser(net, class_label)
+    per_sample = class_label is None and den.label_dim > 0  # --classes / --guidance pick a class per sample
     return ModelInfo(f"edm:{Path(path).name}" + (f":{class_label}" if class_label is not None else ""),
-                     EDMDenoiser(net, class_label), (ch, res, res), lo, hi,
+                     den, (ch, res, res), lo, hi,
                      description=f"EDM network {Path(path).name} ({type(net).__name__}{label})",
-                     bottleneck=bottleneck_of(net))
+                     bottleneck=bottleneck_of(net), num_classes=den.label_dim if per_sample else 0,
+                     cond_denoiser=den if per_sample else None, device=str(device))
 
 
 def from_env() -> ModelInfo:

@@ -28,21 +28,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..amed.features import feature_source
+from ..errors import SolverError
 from ..schedules import check_schedule
-from ..solvers import SOLVERS, Evaluator, _solver_dtype, get_solver, integrate
+from ..solvers import SOLVERS, Evaluator, GridPoint, ModelRequest, Node, Solver, answer, get_solver, run, solver_dtype
 
 _DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio", "predictor", "bottleneck")
 
 
-def run_solver(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                extra_args: dict[str, Any] | None = None, callback: Callable[[dict[str, Any]], Any] | None = None,
                disable: bool | None = None, **options: Any) -> torch.Tensor:
-    """Run fewstep solver `solver` with k-diffusion's calling convention (see the module docstring)."""
+    """Run fewstep solver `solver` (a name, or a Solver instance such as a learned card) with k-diffusion's
+    calling convention (see the module docstring)."""
     extra_args = {} if extra_args is None else extra_args
     driver = {k: options.pop(k) for k in _DRIVER_OPTIONS if k in options}
-    algo = get_solver(solver, **options)
+    algo = solver if isinstance(solver, Solver) else get_solver(solver, **options)
     user_sigmas = sigmas
     grid = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
     denoise_to_zero = bool(grid.numel() >= 2 and grid[-1] == 0)
@@ -57,30 +60,34 @@ def run_solver(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor,
     def denoiser(x_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return model(x_, sigma, **extra_args)
 
-    step = [0]
-
-    def controller(node, t_cur, t_next):  # called at the start of every interval: k-diffusion's callback point
+    def report(i: int, node: Node) -> None:  # k-diffusion's callback at the start of step i
         if callback is not None:
-            i = step[0]
             callback({"x": node.x, "i": i, "sigma": user_sigmas[i], "sigma_hat": user_sigmas[i],
                       "denoised": node.denoised})
-        step[0] += 1
-        return predictor.control(node, t_cur, t_next) if predictor is not None else None
 
-    state = x.to(_solver_dtype(x))
-    with feature_source(driver.get("bottleneck")) as features, torch.no_grad():
+    def on_grid_point(point: GridPoint) -> None:
+        bar.update(int(point.index > 0))
+        if point.node is not None:
+            report(point.index, point.node)
+
+    last = len(grid) - 1
+
+    def evaluate(req: ModelRequest) -> Node:
+        node = ev.answer(req)
+        if req.grid_point and req.index == last:  # the final denoising step to σ = 0
+            report(last, node)
+        return node
+
+    state = x.to(solver_dtype(x))
+    with (feature_source(driver.get("bottleneck")) as features, torch.no_grad(),
+          tqdm(total=last, disable=not progress, desc=algo.name, leave=False) as bar):
         ev = Evaluator(denoiser, threshold, features=features if predictor is not None else None)
         if len(grid) > 1:
-            state = integrate(algo, ev, state, grid, afs=driver.get("afs", False), progress=progress,
-                              controller=controller)
-        if denoise_to_zero:
-            ev.features = None
-            last = len(grid) - 1
-            node = ev(state, grid[-1:], last)
-            if callback is not None:
-                callback({"x": state, "i": last, "sigma": user_sigmas[last], "sigma_hat": user_sigmas[last],
-                          "denoised": node.denoised})
-            state = node.denoised
+            steps = run(algo, state, grid, afs=algo.resolve_afs(driver.get("afs")), denoise_to_zero=denoise_to_zero,
+                        controller=predictor.control if predictor is not None else None)
+            state = answer(steps, evaluate, on_grid_point)
+        else:  # [σ, 0]: a single denoising call
+            state = evaluate(ModelRequest(state, grid, grid, 0, grid_point=True)).denoised
     return state.to(x.dtype)
 
 
@@ -114,4 +121,27 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 SAMPLERS["amed"] = sample_amed
 
-__all__ = ["SAMPLERS", "run_solver", "sample_amed"] + [f"sample_{n}" for n in SOLVERS if n != "amed"]
+
+def sample_learned(model, x, sigmas=None, extra_args=None, callback=None, disable=None, card=None):
+    """A learned solver card (`fewstep learn`; a folder or `fewstep.load_solver(DIR)`) with k-diffusion's sampler
+    signature. The card runs on its own grid: `sigmas` may be omitted (then x = σ_0·noise with the card's σ_0),
+    or must be that grid, optionally with a trailing 0 (a final denoising call, one NFE more)."""
+    if card is None:
+        raise SolverError("sample_learned needs card= (a card folder or fewstep.load_solver(DIR))")
+    from ..learned import LearnedSolver, load_solver
+
+    solver = card if isinstance(card, LearnedSolver) else load_solver(card)
+    grid = solver.grid.detach().to(torch.float64)
+    if sigmas is None:
+        sigmas = grid
+    given = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+    positive = given[:-1] if len(given) and given[-1] == 0 else given
+    if positive.shape != grid.shape or not torch.allclose(positive, grid, rtol=1e-6, atol=0):
+        raise SolverError(f"this card runs on its own {len(grid)}-point grid (fewstep learn export DIR --sigmas); "
+                          f"got sigmas {given.tolist()}")
+    return run_solver(solver, model, x, torch.cat([grid, given[len(grid):]]), extra_args, callback, disable)
+
+
+SAMPLERS["learned"] = sample_learned
+
+__all__ = ["SAMPLERS", "run_solver", "sample_amed", "sample_learned"] + [f"sample_{n}" for n in SOLVERS if n != "amed"]

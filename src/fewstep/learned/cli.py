@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from ..device import DEVICE_HELP, to_device
 from ..errors import FewstepError
 from .card import PARAMETER_FAMILIES, load_card
 from .solver import BASES
@@ -34,16 +35,19 @@ def _params(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _conditions(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any] | None, Any]:
-    """The condition distribution of a conditional model (recorded in the card) and the per-seed binder."""
-    try:
-        from ..conditioning import bind_for_seeds, spec_from_args
-    except ImportError:  # conditioning not available: unconditional only
-        return None, None
-    spec = spec_from_args(args, model)
-    if spec is None:
-        return None, None
-    return spec.to_json(), bind_for_seeds(model, spec)
+def _conditions(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any] | None, Any]:
+    """The model (prompt models get their prompts), the condition distribution to record in the card (None:
+    unconditional) and the per-seed binder of conditional models (docs/maths.md, "Conditions and guidance")."""
+    from ..conditioning import bind, conditions_for_seeds, from_args
+
+    model, spec = from_args(model, args)
+    if not spec.conditional:
+        return model, None, None
+
+    def binder(seeds: list[int]) -> Any:
+        return bind(model, conditions_for_seeds(spec, seeds), spec.guidance, spec.classifier_scale)
+
+    return model, spec.to_json(), binder
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -56,8 +60,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from ..models import load_model
     from .train import LearnConfig, learn
 
-    model = load_model(args.model)
-    conditions, bind = _conditions(args, model)
+    model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
     cfg = LearnConfig(base=args.base, base_options=_options(args.base_opt), nfe=args.nfe, afs=args.afs,
                       params=args.params, init_schedule=args.init_schedule or "", window=args.window, loss=args.loss,
                       soft_radius=args.soft_radius, teacher=args.teacher, teacher_options=_options(args.teacher_opt),
@@ -86,10 +89,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..models import load_model
     from .tune import tune
 
-    model = load_model(args.model)
-    conditions, bind = _conditions(args, model)
+    model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
+    console = _console()
     tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
-         conditions=conditions, bind=bind, log=_console().print)
+         conditions=conditions, bind=bind, log=lambda text: console.print(escape(text)))
     return 0
 
 
@@ -143,6 +146,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate, cosine-decayed (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="training seed: selects the training pairs")
     _condition_args(p)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--out", default=None, help="card folder (resumes from its learn_state.pt)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_learn)
@@ -156,14 +160,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--budget", type=float, default=600.0, help="seconds of training per NFE (default 600)")
     p.add_argument("--n", type=int, default=None, help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
     _condition_args(p)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_tune)
 
 
 def _condition_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from ..conditioning import add_condition_args
-    except ImportError:
-        return
+    from ..conditioning import add_condition_args
+
     add_condition_args(p)

@@ -9,7 +9,8 @@ and interval i adds to the base solver's update
 with h_i = σ_{i+1} − σ_i: Δw corrects the multistep weights on d (DyWeight-style; rows need not sum to one), Δβ
 the exponential-integrator coefficients on D (GS-style). The base update and the corrections are linear in the
 history, so with ξ = Δw = Δβ = 0 the card *is* its base solver on that grid, bit for bit (the zero terms are
-skipped). A predictor–corrector base (UniPC) gets the same Δx after its corrector.
+skipped). A predictor–corrector base (UniPC) gets the same Δx after its corrector. With AFS, an optional learned
+mean μ (one value per data dimension) and scale s refine the analytic first node (`afs_node`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class LearnedSolver(Solver):
 
     def __init__(self, base: str, base_options: dict[str, Any], grid: torch.Tensor, afs: bool,
                  offsets: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                 coeffs: torch.Tensor | None = None, label: str = ""):
+                 coeffs: torch.Tensor | None = None, label: str = "", afs_mean: torch.Tensor | None = None,
+                 afs_std: float | None = None):
         super().__init__()
         if base not in BASES:
             raise SolverError(f"learned solvers build on one of {', '.join(BASES)}, not {base!r}")
@@ -44,7 +46,10 @@ class LearnedSolver(Solver):
         for field, value, rows in (("offsets", offsets, n), ("weights", weights, n), ("coeffs", coeffs, n)):
             if value is not None and value.shape[0] != rows:
                 raise SolverError(f"card {field}: {value.shape[0]} rows for a grid of {n} intervals")
+        if afs_mean is not None and (not afs or afs_std is None or not afs_std > 0):
+            raise SolverError("a learned AFS mean needs afs=True and a positive afs_std")
         self.offsets, self.weights, self.coeffs = offsets, weights, coeffs
+        self.afs_mean, self.afs_std = afs_mean, afs_std
         window = max((m.shape[1] for m in (weights, coeffs) if m is not None), default=0)
         self.history = max(self.base.history, window)
         self.corrects = self.base.corrects
@@ -70,6 +75,15 @@ class LearnedSolver(Solver):
         if afs is not None and bool(afs) != self.afs:
             raise SolverError(f"this card was learned with afs={self.afs}; it cannot run with afs={bool(afs)}")
         return self.afs
+
+    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
+        """AFS; with a learned mean μ and data scale s: D_0 = μ + s²/(s² + σ_0²)·(x_0 − μ), the posterior mean of
+        data N(μ, s²I) (plain AFS is μ = 0, s = 1)."""
+        if self.afs_mean is None:
+            return super().afs_node(x, sigma)
+        mu = self.afs_mean.to(device=x.device, dtype=x.dtype).reshape(1, *x.shape[1:])
+        kappa = bcast(self.afs_std**2 / (self.afs_std**2 + sigma**2), x)
+        return Node(sigma, x, mu + kappa * (x - mu))
 
     def eval_sigma(self, sigma: torch.Tensor, index: int) -> torch.Tensor | None:
         if not self._live["offsets"] or index >= len(self.offsets):
@@ -106,5 +120,5 @@ class LearnedSolver(Solver):
         delta = self.correction(x_prev, hist[:-1], hist[-1].sigma, info.index)
         return x_c if delta is None else x_c + delta
 
-    def amed_step(self, x, hist, t_next, info, ev, control):
-        raise SolverError("a learned card takes no AMED predictor")
+    def amed_step(self, x, hist, t_next, info, control):
+        raise SolverError("a learned card takes no AMED predictor (train AMED on its grid: --schedule card:DIR)")

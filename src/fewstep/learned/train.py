@@ -8,6 +8,7 @@ with the network frozen and gradients flowing through every model call to the ca
     steps    θ ∈ ℝ^N: log σ_i = log σ_max + u_i·(log σ_min − log σ_max), u = [0, cumsum(softmax θ)]
     offsets  ξ ∈ ℝ^N: the model is called at σ_i·exp(ξ_i)
     weights  Δw ∈ ℝ^{N×K}, coeffs Δβ ∈ ℝ^{N×K}: additive corrections of the update (learned/solver.py)
+    mean     μ ∈ ℝ^dim (AFS only): the first node D_0 = μ + s²/(s² + σ_0²)(x_0 − μ), from the teacher mean and scale s
 
 The loss is the mean over the batch of ‖x_N − x_teacher‖²/dim (`l2`), of its square root (`rmse`, the benchmark's
 metric) or of |x_N − x_teacher| (`l1`); with
@@ -35,7 +36,7 @@ from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
-from ..solvers import Evaluator, integrate, sample
+from ..solvers import SOLVERS, Evaluator, integrate, sample
 from ..solvers.base import Denoiser
 from .card import PARAMETER_FAMILIES, Card, save_card
 from .solver import BASES, LearnedSolver
@@ -102,7 +103,8 @@ class LearnConfig:
 class CardParameters(torch.nn.Module):
     """The trainable numbers of a card; all zero-correction at initialisation (the card is then its base)."""
 
-    def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool):
+    def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool,
+                 data_mean: torch.Tensor | None = None, data_std: float = 1.0):
         super().__init__()
         n = len(init_grid) - 1
         log = init_grid.log()
@@ -115,6 +117,13 @@ class CardParameters(torch.nn.Module):
         k = min(window, n)
         self.dw = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
         self.db = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "coeffs" in families else None
+        # the learned AFS node starts at the teacher samples' mean and scale (docs/maths.md, learned solvers)
+        self.mu = None
+        if "mean" in families:
+            if not afs or data_mean is None:
+                raise FewstepError("learn: the 'mean' family refines AFS's first node: it needs --afs")
+            self.mu = torch.nn.Parameter(data_mean.detach().to(torch.float64).reshape(-1).clone())
+        self.data_std = float(data_std)
         # interval i has nodes 0…i: entry j of row i needs j ≤ i; AFS's first point is never evaluated
         self.register_buffer("history_mask", (torch.arange(k)[None, :] <= torch.arange(n)[:, None]).double())
         self.register_buffer("offset_mask", torch.ones(n, dtype=torch.float64).index_fill(0, torch.tensor([0]),
@@ -133,18 +142,18 @@ class CardParameters(torch.nn.Module):
             "offsets": self.xi * self.offset_mask,
             "weights": None if self.dw is None else self.dw * self.history_mask,
             "coeffs": None if self.db is None else self.db * self.history_mask,
+            "afs_mean": self.mu,
         }
 
     def solver(self, base: str, base_options: dict[str, Any]) -> LearnedSolver:
         t = self.tensors()
-        return LearnedSolver(base, base_options, t["grid"], self.afs, t["offsets"], t["weights"], t["coeffs"])
+        return LearnedSolver(base, base_options, t["grid"], self.afs, t["offsets"], t["weights"], t["coeffs"],
+                             afs_mean=t["afs_mean"], afs_std=self.data_std if self.mu is not None else None)
 
 
 def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
     """The grid training starts from: `init_schedule` ('name' or 'name:rho'), else the base's recommended one."""
-    from ..solvers import RECOMMENDED_SCHEDULE
-
-    name, rho = RECOMMENDED_SCHEDULE[cfg.base]
+    name, rho = SOLVERS[cfg.base].recommended_schedule
     if cfg.init_schedule:
         name, _, r = cfg.init_schedule.partition(":")
         try:
@@ -189,8 +198,8 @@ def teacher_pairs(model: ModelInfo, seeds: list[int], cfg: LearnConfig, bind: Ca
     for i in tqdm(range(0, len(mine), batch), desc="teacher pairs", disable=not progress or rank > 0, leave=False):
         chunk = mine[i : i + batch]
         with torch.no_grad():
-            parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape), teacher, sched,
-                                **options).to(torch.float64))
+            parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape, device=_device(model)), teacher, sched,
+                                **options).to(device="cpu", dtype=torch.float64))
     x = torch.cat(parts) if parts else torch.zeros(0, *model.shape, dtype=torch.float64)
     if world > 1:
         x = distributed.gather_shards(x, len(seeds))
@@ -227,16 +236,19 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     if world > 1 and cfg.soft_radius > 0:
         raise FewstepError("learn: --soft-radius is single-process only (its per-pair offsets live on one rank)")
     dtype = torch.float64 if model.exact else torch.float32
+    device = _device(model)
     train_seeds = list(range(TRAIN_SEED_BASE + cfg.seed * 100_000, TRAIN_SEED_BASE + cfg.seed * 100_000 + cfg.pairs))
     val_seeds = list(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_pairs))
     began = time.perf_counter()
-    targets = teacher_pairs(model, train_seeds, cfg, bind, progress=progress)
-    val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress)
+    targets = teacher_pairs(model, train_seeds, cfg, bind, progress=progress).to(device)
+    val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress).to(device)
     teacher_seconds = time.perf_counter() - began
     torch.manual_seed(cfg.seed)
-    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs)
+    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, targets.mean(0).cpu(),
+                            float(targets.std()))
     dim = math.prod(model.shape)
-    delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, requires_grad=cfg.soft_radius > 0)
+    delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, device=device,
+                        requires_grad=cfg.soft_radius > 0)
     trainable = [p for p in params.parameters() if p.requires_grad] + ([delta] if cfg.soft_radius > 0 else [])
     opt = torch.optim.Adam(trainable, lr=cfg.lr) if trainable else None
     identity = {"name": model.name, "shape": list(model.shape), "fingerprint": model.fingerprint,
@@ -245,7 +257,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     def validation() -> float:
         with torch.no_grad():
             errs = [sample_error(rollout(params, cfg, bind(val_seeds[i : i + 256]),
-                                         seeded_noise(val_seeds[i : i + 256], model.shape), dtype),
+                                         seeded_noise(val_seeds[i : i + 256], model.shape, device=device), dtype),
                                  val_targets[i : i + 256]) for i in range(0, len(val_seeds), 256)]
         return float(torch.cat(errs).mean())
 
@@ -298,9 +310,9 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
             epoch, k = divmod(it, per_epoch)
             perm = torch.randperm(cfg.pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             idx = perm[k * cfg.batch : (k + 1) * cfg.batch]
-            mine = idx[rank::world]
-            seeds = [train_seeds[int(i)] for i in mine]
-            noise = seeded_noise(seeds, model.shape)
+            mine = idx[rank::world].to(device)
+            seeds = [train_seeds[int(i)] for i in idx[rank::world]]
+            noise = seeded_noise(seeds, model.shape, device=device)
             if cfg.soft_radius > 0:
                 noise = noise + delta[mine]
             opt.zero_grad(set_to_none=True)
@@ -339,6 +351,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     card = Card(
         base=cfg.base, base_options=dict(cfg.base_options), afs=cfg.afs, sigmas=as_list(t["grid"]),
         offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),
+        afs_mean=as_list(t["afs_mean"]), afs_std=params.data_std if params.mu is not None else None,
         params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
         training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"], "val_rmse_initial": initial_val,
                   "best_iteration": best["iteration"], "seconds": time.perf_counter() - began,
@@ -348,6 +361,11 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         save_card(out, card)
     distributed.barrier()
     return card
+
+
+def _device(model: ModelInfo) -> torch.device:
+    """Where the model runs (`fewstep learn --device`); the card's parameters stay float64 on the CPU."""
+    return torch.device(getattr(model, "device", None) or "cpu")
 
 
 def _plain(record: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +389,7 @@ def _snapshot(params: CardParameters) -> dict[str, torch.Tensor]:
 def _mean_error(params: CardParameters, cfg: LearnConfig, model: ModelInfo, bind: Callable[[list[int]], Denoiser],
                 seeds: list[int], targets: torch.Tensor, dtype: torch.dtype) -> float:
     with torch.no_grad():
-        errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + 256]), seeded_noise(seeds[i : i + 256],
-                                                                                        model.shape), dtype),
+        errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + 256]),
+                                     seeded_noise(seeds[i : i + 256], model.shape, device=_device(model)), dtype),
                              targets[i : i + 256]) for i in range(0, len(seeds), 256)]
     return float(torch.cat(errs).mean())

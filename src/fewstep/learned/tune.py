@@ -36,9 +36,9 @@ class Family:
 
 # In order of what measured best here (README, "Learned solvers"); tune tries them while its budget lasts.
 FAMILIES = (
-    Family("unipc", ("steps", "offsets", "coeffs", "weights")),
-    Family("dpmpp", ("steps", "offsets", "coeffs", "weights")),
-    Family("deis", ("steps", "offsets", "weights")),
+    Family("unipc", ("steps", "offsets", "coeffs", "weights", "mean")),
+    Family("dpmpp", ("steps", "offsets", "coeffs", "weights", "mean")),
+    Family("deis", ("steps", "offsets", "weights", "mean")),
     Family("ipndm", ("steps", "offsets", "weights")),
 )
 
@@ -46,7 +46,8 @@ FAMILIES = (
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
                        targets: torch.Tensor, seeds: list[int]) -> tuple[str, float]:
     """The BEST_CLASSIC_SCHEDULES entry on which `base` (with AFS) has the lowest validation RMSE."""
-    noise = seeded_noise(seeds, model.shape)
+    device = torch.device(getattr(model, "device", None) or "cpu")
+    noise, targets = seeded_noise(seeds, model.shape, device=device), targets.to(device)
     scores = []
     for text in BEST_CLASSIC_SCHEDULES:
         name, _, rho = text.partition(":")
@@ -67,6 +68,11 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
     out = Path(out)
     bind = bind or (lambda seeds: model.denoiser)
     n_test = n_test or (512 if model.exact else 64)
+    test_model = model
+    if conditions is not None:  # the test seeds' conditions drawn from the same distribution
+        from ..conditioning import ConditionSpec, conditioned_model
+
+        test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(range(n_test)))
     base_cfg = base_config or LearnConfig(pairs=512 if model.exact else 384, iters=400 if model.exact else 200,
                                           lr=0.01, loss="rmse", window=3)
     rows = []
@@ -88,9 +94,9 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
             tried.append((card.training["val_rmse"], card, folder))
         val, best, folder = min(tried, key=lambda t: t[0])
         save_card(out / f"nfe{nfe}" / "best", best)
-        records = run_best_classic(model, [nfe], n_test, progress=progress)
+        records = run_best_classic(test_model, [nfe], n_test, progress=progress)
         classic = best_per_nfe(records)[nfe]
-        learned = run_bench(model, [], [nfe], n_test, progress=progress, learned=[out / f"nfe{nfe}" / "best"])[0]
+        learned = run_bench(test_model, [], [nfe], n_test, progress=progress, learned=[out / f"nfe{nfe}" / "best"])[0]
         rows.append({
             "nfe": nfe, "best_classic": f"{classic['solver']} @ {classic['schedule']}" + (" +AFS" if classic["afs"]
                                                                                          else ""),

@@ -1,4 +1,5 @@
-"""Analytic models with an exact denoiser D(x, σ) = E[x₀ | x] (SPEC §2), for tests and exact-error benchmarks.
+"""Analytic models with an exact denoiser D(x, σ) = E[x₀ | x] (docs/maths.md §2), for tests and exact-error
+benchmarks.
 
 Both compute in float64 with log-sum-exp responsibilities and return the input's dtype.
 """
@@ -50,8 +51,15 @@ class GaussianMixture:
         self.log_weights = (w / w.sum()).log()
         self.isotropic = bool((self.vars == self.vars[:, :1]).all())
 
+    def to(self, device: str | torch.device) -> GaussianMixture:
+        """Keep the parameters on `device` (in place), so that calls there copy nothing."""
+        self.means, self.vars, self.log_weights = (t.to(device) for t in (self.means, self.vars, self.log_weights))
+        return self
+
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        if b == 0:  # an empty batch: nothing to denoise
+            return x.clone()
         xf = x.reshape(b, -1).to(torch.float64)
         s2 = _sigma_column(sigma, b).to(xf.device) ** 2  # [B, 1]
         means, vars_ = self.means.to(xf.device), self.vars.to(xf.device)
@@ -93,8 +101,15 @@ class EmpiricalDenoiser:
         self.data_sq = (self.data**2).sum(1)
         self.chunk = chunk
 
+    def to(self, device: str | torch.device) -> EmpiricalDenoiser:
+        """Keep the data on `device` (in place), so that calls there copy nothing."""
+        self.data, self.data_sq = self.data.to(device), self.data_sq.to(device)
+        return self
+
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        if b == 0:  # an empty batch: nothing to denoise
+            return x.clone()
         xf = x.reshape(b, -1).to(torch.float64)
         s2 = _sigma_column(sigma, b).to(xf.device) ** 2
         y, y_sq = self.data.to(xf.device), self.data_sq.to(xf.device)

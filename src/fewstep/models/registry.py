@@ -12,6 +12,7 @@ from ..errors import ModelError
 from .analytic import EmpiricalDenoiser, GaussianMixture
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -27,6 +28,14 @@ class ModelInfo:
     exact: bool = False  # True when D is the exact posterior mean (analytic models)
     bottleneck: torch.nn.Module | None = field(default=None, repr=False)
     fingerprint: str = ""  # identifies the weights: cached results of another version are not reused
+    # conditional models (fewstep.conditioning): labels 0…K−1 and the null label ∅ = K; `denoiser` is D(x, σ, ∅)
+    num_classes: int = 0  # 0 = unconditional
+    cond_denoiser: CondDenoiser | None = field(default=None, repr=False)  # raw D(x, σ, labels [B])
+    with_prompts: Callable[[list[str]], ModelInfo] | None = field(default=None, repr=False)  # prompt models:
+    # the same model conditioned on prompt indices 0…P−1 (∅ = P), prompts encoded once
+    noisy_classifier: torch.nn.Module | None = field(default=None, repr=False)  # logits(x, σ): classifier guidance
+    condition_key: str = ""  # set when conditions are bound: cached references are kept per condition set
+    device: str = "cpu"  # where the weights live: noise and solver state go there (fewstep.device.to_device)
 
 
 def gmm_parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,7 +90,28 @@ def _digits() -> ModelInfo:
     )
 
 
-BUILTIN_MODELS: dict[str, Callable[[], ModelInfo]] = {"gmm": _gmm, "digits-opt": _digits_opt, "digits": _digits}
+def _digits_cond() -> ModelInfo:
+    """The class-conditional digits U-Net (10 classes, ∅ = 10; fine-tuned from `digits` with 10 % condition
+    dropout, data/digits_cond_unet.json). `denoiser` is D(x, σ, ∅); bind classes with fewstep.conditioning."""
+    import hashlib
+
+    from .noisy_classifier import NOISY_CLASSIFIER_WEIGHTS, load_noisy_classifier
+    from .unet import DIGITS_COND_WEIGHTS, load_unet
+
+    net = load_unet(DIGITS_COND_WEIGHTS)
+    if net.num_classes != 10:
+        raise ModelError(f"{DIGITS_COND_WEIGHTS} is not a 10-class conditional U-Net")
+    return ModelInfo(
+        "digits-cond", net, net.shape, 0.002, 80.0,
+        description="class-conditional EDM U-Net on sklearn digits (10 classes, classifier-free guidance)",
+        bottleneck=net.bottleneck, fingerprint=hashlib.sha1(DIGITS_COND_WEIGHTS.read_bytes()).hexdigest()[:12],
+        num_classes=10, cond_denoiser=net,
+        noisy_classifier=load_noisy_classifier() if NOISY_CLASSIFIER_WEIGHTS.is_file() else None,
+    )
+
+
+BUILTIN_MODELS: dict[str, Callable[[], ModelInfo]] = {"gmm": _gmm, "digits-opt": _digits_opt, "digits": _digits,
+                                                      "digits-cond": _digits_cond}
 DEFAULT_MODEL = "gmm"
 
 
@@ -126,6 +156,13 @@ def load_factory(spec: str) -> ModelInfo:
     except ModuleNotFoundError as e:
         raise ModelError(f"--model {spec!r}: cannot import {module_name!r} ({e}); is it installed or on "
                          "PYTHONPATH? A file works too: path/to/file.py:factory") from e
+    except ModelError:
+        raise
+    except SyntaxError as e:
+        raise ModelError(f"--model {spec!r}: syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:  # the user's module raised while it was imported
+        raise ModelError(f"--model {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+
     if not hasattr(module, attr):
         raise ModelError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}")
     obj = getattr(module, attr)

@@ -9,6 +9,11 @@ The output folder gets `checkpoint.pt` every `--ckpt-every` iterations and at th
 iteration, RNG states, wall time so far; written atomically), so an interrupted run continues where it stopped
 when started again with the same folder. At the end the EMA weights are exported as `digits_unet.safetensors`
 with a `train_info.json` beside them.
+
+`--conditional` trains the class-conditional variant (`digits-cond`): labels of the training split, each replaced
+by the null label with probability `--p-uncond` (condition dropout, default 0.1), so one network gives D(x, σ, c)
+and D(x, σ, ∅). `--init-from digits` (or a weights file) fine-tunes from unconditional weights: every tensor of
+the file is loaded and the new class embedding starts at zero, i.e. training starts at the unconditional model.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FewstepError
 from ..io import atomic_write, write_json
-from .unet import DEFAULT_CONFIG, DigitsUNet, num_parameters, save_unet
+from .unet import DEFAULT_CONFIG, DIGITS_WEIGHTS, DigitsUNet, load_unet, num_parameters, save_unet
 
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -93,6 +98,9 @@ class UNetTrainConfig:
     seed: int = 0
     ckpt_every: int = 500
     threads: int = 1
+    p_uncond: float = 0.1  # condition dropout (class-conditional nets only)
+    class_lr_mult: float = 10.0  # learning-rate factor of the class embedding (class-conditional nets only)
+    init_from: str = ""  # weights file to start from ('digits' = the shipped unconditional weights)
     arch: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
 
     def resume_key(self) -> dict[str, Any]:
@@ -103,12 +111,13 @@ class UNetTrainConfig:
         return d
 
 
-def edm_loss(net: DigitsUNet, x0: torch.Tensor, gen: torch.Generator, p_mean: float, p_std: float) -> torch.Tensor:
+def edm_loss(net: DigitsUNet, x0: torch.Tensor, gen: torch.Generator, p_mean: float, p_std: float,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
     sigma_data = net.sigma_data
     sigma = (torch.randn(x0.shape[0], generator=gen) * p_std + p_mean).exp()
     noise = torch.randn(x0.shape, generator=gen)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    denoised = net(x0 + sigma[:, None, None, None] * noise, sigma)
+    denoised = net(x0 + sigma[:, None, None, None] * noise, sigma, labels)
     return (weight[:, None, None, None] * (denoised - x0) ** 2).mean()
 
 
@@ -125,6 +134,15 @@ def _ema_decay_at(cfg: UNetTrainConfig, it: int) -> float:
     return min(cfg.ema_decay, (1 + it) / (10 + it))
 
 
+def _init_weights(net: DigitsUNet, source: str) -> None:
+    """Load every tensor of the weights file `source` ('digits' = shipped) into `net`; only a class embedding
+    the source lacks may stay as initialised (zero)."""
+    src = load_unet(DIGITS_WEIGHTS if source == "digits" else source)
+    missing, unexpected = net.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embed.") for k in missing):
+        raise FewstepError(f"--init-from {source}: architecture differs (missing {missing}, unexpected {unexpected})")
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -139,11 +157,18 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    data = digits_split(int(cfg.arch["resolution"]))["train_x"]
+    split = digits_split(int(cfg.arch["resolution"]))
+    data, labels = split["train_x"], split["train_y"]
     torch.manual_seed(cfg.seed)
     net = DigitsUNet.from_config(cfg.arch)
+    if cfg.init_from:
+        _init_weights(net, cfg.init_from)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
+    named = list(net.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.startswith("class_embed.")], "lr_mult": 1.0}]
+    if net.num_classes > 0:  # the new embedding learns faster than the pretrained body it steers
+        groups.append({"params": [p for n, p in named if n.startswith("class_embed.")], "lr_mult": cfg.class_lr_mult})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
     start_it, wall, losses = 0, 0.0, []
     ckpt_path = out / "checkpoint.pt"
@@ -178,9 +203,13 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
     for it in bar:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
         x0 = random_shift(data[idx], cfg.augment_shift, gen)
+        y = None
+        if net.num_classes > 0:
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.p_uncond
+            y = torch.where(drop, torch.full_like(labels[idx], net.num_classes), labels[idx])
         for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, it)
-        loss = edm_loss(net, x0, gen, cfg.p_mean, cfg.p_std)
+            g["lr"] = _lr_at(cfg, it) * g["lr_mult"]
+        loss = edm_loss(net, x0, gen, cfg.p_mean, cfg.p_std, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in net.parameters():
@@ -211,7 +240,7 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
     info = {
         "iterations": end_it, "finished": end_it >= cfg.iters, "wall_s": round(wall, 1),
         "s_per_iter": round(wall / max(1, end_it), 4), "parameters": num_parameters(net),
-        "train_images": len(data), "settings": asdict(cfg), "losses": losses,
+        "train_images": len(data), "settings": asdict(cfg), "losses": losses, "conditional": net.num_classes > 0,
         "torch": torch.__version__,
     }
     if end_it >= cfg.iters:
@@ -231,9 +260,13 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         arch["resolution"] = args.resolution
     if args.blocks:
         arch["blocks_per_level"] = args.blocks
+    if args.conditional:
+        arch["num_classes"] = 10
     cfg = UNetTrainConfig(iters=args.iters, batch=args.batch, lr=args.lr, warmup=args.warmup, lr_decay=args.lr_decay,
                           ema_decay=args.ema, augment_shift=args.augment_shift, seed=args.seed,
-                          ckpt_every=args.ckpt_every, threads=args.threads, arch=arch)
+                          ckpt_every=args.ckpt_every, threads=args.threads, p_uncond=args.p_uncond,
+                          class_lr_mult=args.class_lr_mult, p_mean=args.p_mean, p_std=args.p_std,
+                          init_from=args.init_from or "", arch=arch)
     info = train_unet(args.out, cfg, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2))
     if info["finished"]:
@@ -243,10 +276,12 @@ def cmd_train_model(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser(
-        "train-model", help="train the built-in `digits` U-Net from scratch (resumable)",
+        "train-model", help="train the built-in `digits` U-Net (or fine-tune `digits-cond`; resumable)",
         description="Train the EDM-preconditioned digits U-Net with the EDM loss and EMA weights. Checkpoints go to "
                     "OUT/checkpoint.pt; running the same command again resumes from it. At the end the EMA weights "
-                    "are written to OUT/digits_unet.safetensors (load with fewstep.models.unet.load_unet(path)).")
+                    "are written to OUT/digits_unet.safetensors (load with fewstep.models.unet.load_unet(path)). "
+                    "digits-cond: --conditional --init-from digits --iters 2000 --lr 1e-3 --warmup 100 --lr-decay 1000 "
+                    "--p-mean -0.2 --p-std 1.4 (data/digits_cond_unet.json).")
     d = UNetTrainConfig()
     p.add_argument("--out", required=True, help="output folder (checkpoint, exported weights, train_info.json)")
     p.add_argument("--iters", type=int, default=d.iters, help=f"total training iterations (default {d.iters})")
@@ -263,6 +298,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--blocks", type=int,
                    help=f"residual blocks per level (default {DEFAULT_CONFIG['blocks_per_level']})")
     p.add_argument("--resolution", type=int, help=f"image size (default {DEFAULT_CONFIG['resolution']})")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional U-Net (10 classes + null label 10; the digits-cond model)")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond,
+                   help=f"condition dropout probability with --conditional (default {d.p_uncond})")
+    p.add_argument("--p-mean", type=float, default=d.p_mean,
+                   help=f"mean of ln sigma in the loss (default {d.p_mean}; higher stresses the noisy end, where "
+                        "the class is decided)")
+    p.add_argument("--p-std", type=float, default=d.p_std, help=f"std of ln sigma in the loss (default {d.p_std})")
+    p.add_argument("--class-lr-mult", type=float, default=d.class_lr_mult,
+                   help=f"learning-rate factor of the class embedding with --conditional (default {d.class_lr_mult})")
+    p.add_argument("--init-from", help="start from these weights ('digits' = the shipped unconditional U-Net); "
+                   "a new class embedding starts at zero")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint period (default {d.ckpt_every})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1)")

@@ -1,4 +1,4 @@
-"""A small EDM-preconditioned U-Net for the built-in `digits` model (SPEC §2).
+"""A small EDM-preconditioned U-Net for the built-in `digits` model (docs/maths.md §2).
 
     D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)),
     c_skip = σ_d²/(σ²+σ_d²),  c_out = σ·σ_d/√(σ²+σ_d²),  c_in = 1/√(σ²+σ_d²),  c_noise = ¼·ln σ,  σ_d = 0.5.
@@ -8,6 +8,11 @@ down-sampling), a **bottleneck** residual block at the lowest resolution (the mo
 whose output AMED's predictor reads through a forward hook), and a mirrored decoder (nearest up-sampling,
 skip connections concatenated from the encoder). The noise level enters every residual block: c_noise →
 sinusoidal embedding → MLP → per-block scale and shift of the second group norm (as in EDM's U-Nets).
+
+Class-conditional variant (`num_classes` = K > 0, the `digits-cond` model): a learned embedding of K + 1 entries
+(index K = the null label ∅, used for unconditional evaluations and condition dropout) is added to the noise
+embedding; it is initialised to zero, so a fine-tune from unconditional weights starts at the unconditional model.
+`net(x, sigma, class_labels)` takes int64 labels [B] (None = all ∅).
 
 All arithmetic runs in float32; the output has the dtype of the input x.
 """
@@ -39,11 +44,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "groups": 8,
     "dropout": 0.0,
     "sigma_data": SIGMA_DATA,
+    "num_classes": 0,  # > 0: class-conditional with a null label at index num_classes
 }
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> tuple[torch.Tensor, ...]:
-    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning at σ (SPEC §2), same shape and dtype as σ."""
+    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning at σ (docs/maths.md §2), same shape and dtype as σ."""
     s2 = sigma**2 + sigma_data**2
     c_skip = sigma_data**2 / s2
     c_out = sigma * sigma_data / s2.sqrt()
@@ -118,6 +124,10 @@ class DigitsUNet(nn.Module):
             raise ModelError(f"resolution {cfg['resolution']} is not divisible by {self.patch}·2^{len(chs) - 1}")
         self.sigma_data = float(cfg["sigma_data"])
         self.embed = NoiseEmbedding(int(cfg["num_freqs"]), emb_dim)
+        self.num_classes = int(cfg["num_classes"])
+        if self.num_classes > 0:
+            self.class_embed = nn.Embedding(self.num_classes + 1, emb_dim)
+            nn.init.zeros_(self.class_embed.weight)
         patch_ch = int(cfg["in_channels"]) * self.patch**2
         self.stem = nn.Conv2d(patch_ch, chs[0], 3, padding=1)
         self.enc = nn.ModuleList()
@@ -151,9 +161,13 @@ class DigitsUNet(nn.Module):
         r = int(self.config["resolution"])
         return (int(self.config["in_channels"]), r, r)
 
-    def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        """F(c_in·x, c_noise): the bare network (float32 inputs)."""
+    def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """F(c_in·x, c_noise[, class]): the bare network (float32 inputs)."""
         emb = self.embed(c_noise)
+        if self.num_classes > 0:
+            if class_labels is None:
+                class_labels = torch.full((x_in.shape[0],), self.num_classes, dtype=torch.long, device=x_in.device)
+            emb = emb + self.class_embed(class_labels.to(device=x_in.device, dtype=torch.long).reshape(-1))
         h = self.stem(F.pixel_unshuffle(x_in, self.patch) if self.patch > 1 else x_in)
         skips = []
         for i, level in enumerate(self.enc):
@@ -171,7 +185,16 @@ class DigitsUNet(nn.Module):
         out = self.out_conv(F.silu(self.out_norm(h)))
         return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x, σ) (or D(x, σ, c) for a class-conditional net; labels [B], value num_classes = ∅)."""
+        if class_labels is not None:
+            if self.num_classes == 0:
+                raise ModelError("class labels given to an unconditional U-Net")
+            if class_labels.shape != (x.shape[0],):
+                raise ModelError(f"class labels of shape {tuple(class_labels.shape)} for a batch of {x.shape[0]}")
+        if x.shape[0] == 0:  # an empty batch: nothing to denoise
+            return x.clone()
         dtype = x.dtype
         xf = x.float()
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
@@ -181,7 +204,8 @@ class DigitsUNet(nn.Module):
             raise ModelError(f"sigma has {s.numel()} entries for a batch of {x.shape[0]}")
         c_skip, c_out, c_in, c_noise = edm_coefficients(s, self.sigma_data)
         bc = (-1,) + (1,) * (x.ndim - 1)
-        f = self.raw(xf * c_in.reshape(bc), c_noise)
+        x_in = xf * c_in.reshape(bc)
+        f = self.raw(x_in, c_noise) if class_labels is None else self.raw(x_in, c_noise, class_labels)
         return (c_skip.reshape(bc) * xf + c_out.reshape(bc) * f).to(dtype)
 
 
@@ -194,6 +218,8 @@ def num_parameters(net: nn.Module) -> int:
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DIGITS_WEIGHTS = DATA_DIR / "digits_unet.safetensors"
 DIGITS_CARD = DATA_DIR / "digits_unet.json"
+DIGITS_COND_WEIGHTS = DATA_DIR / "digits_cond_unet.safetensors"
+DIGITS_COND_CARD = DATA_DIR / "digits_cond_unet.json"
 
 
 def save_unet(path: str | os.PathLike, net: DigitsUNet, state: dict[str, torch.Tensor] | None = None,

@@ -1,20 +1,26 @@
 """The shared machinery of every solver: model evaluations, history nodes, the registry and options.
 
 A solver is one small class registered by name. It sees the probability-flow ODE dx/dσ = (x − D(x, σ))/σ
-only through *nodes* (σ, x, D) that the driver (`fewstep.solvers.sample`) evaluates at every grid point, and
-implements `step` (one interval t_n → t_{n+1}) and, for predictor–corrector methods, `correct`.
+only through *nodes* (σ, x, D) that the driver (`fewstep.solvers.driver.run`) requests at every grid point, and
+implements `step` (one interval t_n → t_{n+1}) and, for predictor–corrector methods, `correct`. A solver with
+more model calls per interval (Heun, DPM-Solver-2) implements `stages` instead: a generator that yields a
+`ModelRequest` for each extra call and receives its node.
 Node σ's are float64 tensors of shape [1] or [B] (per-sample times, as AMED's learned points are).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import DenoiserError, SolverError
+from ..schedules import get_schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,10 +39,33 @@ class Node:
     denoised: torch.Tensor
     features: torch.Tensor | None = None  # [B, F] for AMED's predictor, when the evaluator extracts them
 
-    @property
+    @cached_property
     def d(self) -> torch.Tensor:
-        """The ODE direction d = (x − D)/σ (= ε̂ in σ-space)."""
+        """The ODE direction d = (x − D)/σ (= ε̂ in σ-space), computed once per node."""
         return (self.x - self.denoised) / bcast(self.sigma, self.x)
+
+
+@dataclass
+class ModelRequest:
+    """A model call the driver needs: the state x at node time σ, the network called at `model_sigma` (σ unless
+    AMED or a learned card moves it); `index` names the step in messages. `grid_point`: x is the state at grid
+    point `index`, so a consumer may answer with a node at an edited state, which the run then continues from."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    model_sigma: torch.Tensor
+    index: int
+    grid_point: bool = False
+
+
+Stages = Generator[ModelRequest, "Node | torch.Tensor", torch.Tensor]
+
+
+def request(x: torch.Tensor, sigma: torch.Tensor, index: int, model_sigma: torch.Tensor | None = None,
+            grid_point: bool = False) -> Generator[ModelRequest, Node | torch.Tensor, Node]:
+    """Yield one model request and return its answer as a node (a bare D is taken as D(x, σ_model))."""
+    reply = yield ModelRequest(x, sigma, sigma if model_sigma is None else model_sigma, index, grid_point)
+    return reply if isinstance(reply, Node) else Node(sigma, x, reply)
 
 
 @dataclass(frozen=True)
@@ -59,8 +88,32 @@ class StepInfo:
     sigma_max: float
 
 
+Coefficient = "torch.Tensor | float"
+PLAN_LIMIT = 65536  # cached coefficient sets (a grid of N points uses about N per solver configuration)
+_PLANS: dict[tuple, Any] = {}
+
+
+def affine(x: torch.Tensor, a: torch.Tensor | float, terms: list[tuple[torch.Tensor | float, torch.Tensor]],
+           scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """a·x + scale·Σ b·y over the (b, y) terms. With Python-float coefficients (a cached plan) this is one
+    multiply and one in-place add per term, the fewest full passes; otherwise per-sample tensors broadcast."""
+    if isinstance(a, float) and isinstance(scale, float) and all(isinstance(b, float) for b, _ in terms):
+        if a == 1.0 and terms:
+            (b, y), *terms = terms
+            out = torch.add(x, y, alpha=b * scale)
+        else:
+            out = x * a
+        for b, y in terms:
+            out.add_(y, alpha=b * scale)
+        return out
+    out = x * (bcast(a, x) if isinstance(a, torch.Tensor) else a)
+    for b, y in terms:
+        out = out + (bcast(b, x) if isinstance(b, torch.Tensor) else b) * scale * y
+    return out
+
+
 def afs_node(x: torch.Tensor, sigma: torch.Tensor) -> Node:
-    """Analytical first step (SPEC §4.9): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, with no model call."""
+    """Analytical first step (docs/maths.md §7): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, no model."""
     s = bcast(sigma, x)
     return Node(sigma, x, x - s * x / torch.sqrt(1 + s**2), features=None)
 
@@ -85,27 +138,34 @@ class Evaluator:
     ) -> Node:
         s_model = sigma if model_sigma is None else model_sigma
         s_arg = s_model.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
-        where = f"at step {step} (sigma={_fmt(s_model)})"
+
+        def where() -> str:  # built only for an error message
+            return f"at step {step} (sigma={_fmt(s_model)})"
+
         try:
             out = self.denoiser(x, s_arg)
         except DenoiserError:
             raise
         except Exception as e:  # any failure inside user code: say where it happened
-            raise DenoiserError(f"denoiser raised {type(e).__name__} {where}: {e}") from e
+            raise DenoiserError(f"denoiser raised {type(e).__name__} {where()}: {e}") from e
         self.calls += 1
         if not isinstance(out, torch.Tensor):
-            raise DenoiserError(f"denoiser returned {type(out).__name__}, not a tensor, {where}")
+            raise DenoiserError(f"denoiser returned {type(out).__name__}, not a tensor, {where()}")
         if out.shape != x.shape:
-            raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} {where}")
+            raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} {where()}")
         out = out.to(x.dtype)
         # one reduction instead of isfinite's 4 full passes (24-31% of the driver's own time at batch 64);
         # a non-finite sum is rechecked element-wise (a finite output may overflow the sum)
-        if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        if not math.isfinite(out.detach().sum()) and not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
-            raise DenoiserError(f"denoiser returned {bad} non-finite values (NaN/Inf) {where}")
+            raise DenoiserError(f"denoiser returned {bad} non-finite values (NaN/Inf) {where()}")
         if self.threshold_ratio is not None:
             out = dynamic_threshold(out, self.threshold_ratio)
         return Node(sigma, x, out, self.features(x, out) if self.features is not None else None)
+
+    def answer(self, req: ModelRequest) -> Node:
+        """Answer one of the driver's model requests."""
+        return self(req.x, req.sigma, req.index, model_sigma=req.model_sigma)
 
 
 def dynamic_threshold(denoised: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -137,8 +197,9 @@ class Option:
         if self.choices is not None and value not in self.choices:
             raise SolverError(f"{solver}: option {name}={value!r} not in {list(self.choices)}")
         if self.low is not None or self.high is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SolverError(f"{solver}: option {name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SolverError(f"{solver}: option {name} must be a finite number, got {value!r}")
+
             if isinstance(self.default, int) and not isinstance(value, int):
                 raise SolverError(f"{solver}: option {name} must be an integer, got {value!r}")
             if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
@@ -173,8 +234,6 @@ class Solver:
                          model: Any = None) -> torch.Tensor:
         """The grid this solver runs on when the caller gives none: its `recommended_schedule` with `num_steps`
         points (a learned card returns its own grid). `model` serves model-based schedules (`discrete`)."""
-        from ..schedules import get_schedule  # lazy: schedules → gits → solvers
-
         if num_steps is None:
             raise SolverError("give a schedule or num_steps")
         name, rho = self.recommended_schedule
@@ -184,15 +243,26 @@ class Solver:
         """The AFS setting of a run: the caller's (default off); a learned card fixes its own."""
         return bool(afs)
 
+    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
+        """The first node under AFS (no model call): `afs_node`'s analytic D_0; a learned card may refine it."""
+        return afs_node(x, sigma)
+
     def eval_sigma(self, sigma: torch.Tensor, index: int) -> torch.Tensor | None:
         """The σ at which the driver calls the model for grid point `index` (None: σ itself). A learned card's
         evaluation offsets ξ move it to σ·exp(ξ) while the update still uses σ (docs/maths.md, learned solvers)."""
         return None
 
     def step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-             ev: Evaluator, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """Advance x from hist[-1].sigma to t_next; `scale` multiplies the model terms (AMED's c_n)."""
+             ev: Callable[..., Node], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Advance x from hist[-1].sigma to t_next with no model call; `scale` multiplies the model terms (AMED's
+        c_n). `ev` is kept for signature compatibility: calling it raises (extra calls belong in `stages`)."""
         raise NotImplementedError
+
+    def stages(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
+               scale: torch.Tensor | float = 1.0) -> Stages:
+        """One interval as a generator of the interval's extra model requests (none by default: `step`)."""
+        yield from ()
+        return self.step(x, hist, t_next, info, _no_model_calls, scale)
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -200,15 +270,16 @@ class Solver:
         return x_new
 
     def advance(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-                ev: Evaluator, control: Control | None = None) -> Substep:
-        """One interval: a plain `step`, or with an AMED control the plugin's two sub-steps."""
+                control: Control | None = None) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
+        """One interval: the solver's `stages`, or with an AMED control the plugin's two sub-steps."""
         if control is None:
-            return Substep(self.step(x, hist, t_next, info, ev), x, hist, info)
-        return self.amed_step(x, hist, t_next, info, ev, control)
+            x_next = yield from self.stages(x, hist, t_next, info)
+            return Substep(x_next, x, hist, info)
+        return (yield from self.amed_step(x, hist, t_next, info, control))
 
     def amed_step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-                  ev: Evaluator, control: Control) -> Substep:
-        """AMED-Plugin (SPEC §5): run this solver on the grid t_n, s_n, t_{n+1} with s_n = t_{n+1}^r·t_n^{1−r}.
+                  control: Control) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
+        """AMED-Plugin (docs/maths.md §8): run this solver on the grid t_n, s_n, t_{n+1}, s_n = t_{n+1}^r·t_n^{1−r}.
 
         The model is called at σ = a·s_n (the direction still uses s_n), s_n joins the history like any node,
         and the model terms of the update s_n → t_{n+1} are scaled by c. Returns the sub-step that ends at
@@ -216,12 +287,27 @@ class Solver:
         """
         s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
         first = StepInfo(2 * info.index, 2 * info.steps_left, info.sigma_min, info.sigma_max)
-        y = self.step(x, hist, s, first, ev)
-        hist = [*hist[-self.history :], ev(y, s, info.index, model_sigma=control.a * s)]
+        y = yield from self.stages(x, hist, s, first)
+        hist = [*hist[-self.history :], (yield from request(y, s, info.index, model_sigma=control.a * s))]
         y = self.correct(x, y, hist, first)
         second = StepInfo(2 * info.index + 1, 2 * info.steps_left - 1, info.sigma_min, info.sigma_max)
         c = bcast(control.c, x)
-        return Substep(self.step(y, hist, t_next, second, ev, scale=c), y, hist, second, c)
+        x_next = yield from self.stages(y, hist, t_next, second, scale=c)
+        return Substep(x_next, y, hist, second, c)
+
+    def plan(self, sigmas: list[torch.Tensor], extra: tuple, compute: Callable[[], tuple]) -> tuple:
+        """Coefficients that depend only on the grid: `compute()` (float64 tensors, nested tuples allowed) once per
+        grid as Python floats, reused across batches, when every σ is a single value outside autograd;
+        otherwise computed as they are (per-sample σ's of AMED, a learned grid in training)."""
+        if any(s.numel() != 1 or s.requires_grad for s in sigmas):
+            return compute()
+        key = (type(self), *(getattr(self, name) for name in self.options), *(float(s) for s in sigmas), *extra)
+        found = _PLANS.get(key)
+        if found is None:
+            if len(_PLANS) >= PLAN_LIMIT:
+                _PLANS.clear()
+            found = _PLANS[key] = _as_floats(compute())
+        return found
 
     def describe(self) -> str:
         """Name plus the options that differ from their defaults, e.g. 'dpmpp(max_order=2)'."""
@@ -238,6 +324,18 @@ class Substep:
     hist: list[Node]
     info: StepInfo
     scale: torch.Tensor | float = 1.0
+
+
+def _as_floats(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_floats(v) for v in value)
+    return value
+
+
+def _no_model_calls(*args: Any, **kwargs: Any) -> Node:
+    raise SolverError("a solver's `step` cannot call the model; implement `stages` (a generator of ModelRequest)")
 
 
 def midpoint_sigma(t_cur: torch.Tensor, t_next: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:

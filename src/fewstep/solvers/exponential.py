@@ -1,8 +1,10 @@
-"""Exponential-integrator multistep solvers in λ = −log σ (SPEC §4.7–4.8): DPM-Solver++ and UniPC.
+"""Exponential-integrator multistep solvers in λ = −log σ (docs/maths.md §4.7–4.8): DPM-Solver++ and UniPC.
 
 Model output m is D (data prediction, `predict_x0=True`) or d = ε̂ (noise prediction). In σ-space
 (α = 1) the data-prediction update is x_{n+1} = (t_{n+1}/t_n)·x_n − expm1(−h)·m_n − …, and the
 noise-prediction one x_{n+1} = x_n − t_{n+1}·(expm1(h)·m_n + …). AMED's scale c multiplies the model terms.
+Both updates are linear in the history, so each step is written as x_{n+1} = a·x_n + Σ_j w_j·m_{n−j} with
+coefficients that depend only on the grid (a cached plan; see `Solver.plan`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-from .base import Node, Option, Solver, StepInfo, bcast, order_option, register
+from .base import Node, Option, Solver, StepInfo, affine, bcast, order_option, register
 from .primitives import phi_ratios
 
 
@@ -36,6 +38,13 @@ class _Exponential(Solver):
     def model_out(self, n: Node) -> torch.Tensor:
         return n.denoised if self.predict_x0 else n.d
 
+    def to_update(self, t_cur: torch.Tensor, t_next: torch.Tensor,
+                  terms: list[torch.Tensor]) -> tuple[torch.Tensor | float, list[torch.Tensor]]:
+        """(a, w) of x_{n+1} = a·x_n + Σ w_j·m_j from the coefficients of the model terms in `combine`."""
+        if self.predict_x0:
+            return t_next / t_cur, [-c for c in terms]
+        return 1.0, [-t_next * c for c in terms]
+
     def combine(self, x: torch.Tensor, n0: Node, t_next: torch.Tensor, model_terms: torch.Tensor,
                 scale: torch.Tensor | float) -> torch.Tensor:
         """x_{n+1} = (t_{n+1}/t_n)x_n − c·terms (data) or x_n − c·t_{n+1}·terms (noise)."""
@@ -52,30 +61,30 @@ class DPMSolverPP(_Exponential):
     summary = "DPM-Solver++ multistep (1, 2M, 3M); noise-prediction DPM-Solver with predict_x0=False"
 
     def step(self, x, hist, t_next, info, ev, scale=1.0):
-        k = self.order(len(hist), info)
-        n0 = hist[-1]
-        h = lam(t_next) - lam(n0.sigma)
+        nodes = hist[::-1][: self.order(len(hist), info)]  # newest first
+        sigmas = [n.sigma for n in nodes]
+        a, w = self.plan([*sigmas, t_next], (), lambda: self.coefficients(sigmas, t_next))
+        return affine(x, a, [(c, self.model_out(n)) for c, n in zip(w, nodes)], scale)
+
+    def coefficients(self, sigmas: list[torch.Tensor], t_next: torch.Tensor) -> tuple[torch.Tensor | float, list]:
+        """(a, w) of the order-len(sigmas) update from the nodes at `sigmas` (newest first)."""
+        h = lam(t_next) - lam(sigmas[0])
         sgn = -1.0 if self.predict_x0 else 1.0  # data prediction integrates e^{−h}, noise prediction e^{h}
-        phi1 = bcast(torch.expm1(sgn * h), x)
-        m0 = self.model_out(n0)
-        if k == 1:
-            return self.combine(x, n0, t_next, phi1 * m0, scale)
-        n1 = hist[-2]
-        r0 = (lam(n0.sigma) - lam(n1.sigma)) / h
-        d1_0 = (m0 - self.model_out(n1)) / bcast(r0, x)
-        if k == 2:  # 2M: m0 + ½·D1
-            return self.combine(x, n0, t_next, phi1 * (m0 + 0.5 * d1_0), scale)
-        n2 = hist[-3]
-        r1 = (lam(n1.sigma) - lam(n2.sigma)) / h
-        d1_1 = (self.model_out(n1) - self.model_out(n2)) / bcast(r1, x)
-        d1 = d1_0 + bcast(r0 / (r0 + r1), x) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / bcast(r0 + r1, x)
-        hb = bcast(sgn * h, x)
+        phi1 = torch.expm1(sgn * h)
+        if len(sigmas) == 1:
+            return self.to_update(sigmas[0], t_next, [phi1])
+        r0 = (lam(sigmas[0]) - lam(sigmas[1])) / h
+        if len(sigmas) == 2:  # 2M: φ₁·(m0 + ½·(m0 − m1)/r0)
+            return self.to_update(sigmas[0], t_next, [phi1 * (1 + 0.5 / r0), -phi1 * 0.5 / r0])
+        r1 = (lam(sigmas[1]) - lam(sigmas[2])) / h
+        hb = sgn * h
         phi2 = phi1 / hb - 1
         phi3 = phi2 / hb - 0.5
-        # 3M: φ₁m + φ₂D1 + φ₃D2 with the φ's of hb = ∓h for both variants (SPEC's data-form φ₂ = φ₁/h + 1 is
-        # −phi2 here, hence its "φ₁D_n − φ₂D1 + φ₃D2"; the noise form is SPEC's φ₁d_n + φ₂D1 + φ₃D2 as written)
-        return self.combine(x, n0, t_next, phi1 * m0 + phi2 * d1 + phi3 * d2, scale)
+        # 3M (docs/maths.md §4.7): φ₁m0 + φ₂D1 + φ₃D2 with the φ's of hb = ∓h for both variants,
+        # D1 = d0 + r0/(r0+r1)·(d0 − d1), D2 = (d0 − d1)/(r0+r1), d0 = (m0 − m1)/r0, d1 = (m1 − m2)/r1
+        u = phi2 * (1 + r0 / (r0 + r1)) + phi3 / (r0 + r1)  # the coefficient of d0
+        v = -phi2 * r0 / (r0 + r1) - phi3 / (r0 + r1)  # the coefficient of d1
+        return self.to_update(sigmas[0], t_next, [phi1 + u / r0, -u / r0 + v / r1, -v / r1])
 
 
 @register
@@ -92,29 +101,33 @@ class UniPC(_Exponential):
     def _update(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, order: int,
                 scale: torch.Tensor | float, new: Node | None) -> torch.Tensor:
         """UniP (new is None) or UniC (new = the evaluation at t_next) of the given order from hist[-1]."""
-        n0 = hist[-1]
-        h = lam(t_next) - lam(n0.sigma)
+        nodes = hist[::-1][:order]  # n0 and the order−1 nodes before it, newest first
+        sigmas = [n.sigma for n in nodes]
+        corrector = new is not None
+        a, w = self.plan([*sigmas, t_next], (corrector,), lambda: self.coefficients(sigmas, t_next, corrector))
+        models = [self.model_out(n) for n in nodes] + ([self.model_out(new)] if corrector else [])
+        return affine(x, a, list(zip(w, models)), scale)
+
+    def coefficients(self, sigmas: list[torch.Tensor], t_next: torch.Tensor,
+                     corrector: bool) -> tuple[torch.Tensor | float, list]:
+        """(a, w) over m0, the older nodes' m (newest first) and, for the corrector, the new evaluation's m:
+        expm1(hh)·m0 + B(h)·Σ ρ_i·(m_i − m0)/r_i with r_new = 1."""
+        h = lam(t_next) - lam(sigmas[0])
         hh = -h if self.predict_x0 else h
         b_h = hh if self.variant == "bh1" else torch.expm1(hh)
-        m0 = self.model_out(n0)
-        older = hist[::-1][1:order]  # the order−1 nodes before n0, newest first
-        rks = [(lam(n.sigma) - lam(n0.sigma)) / h for n in older]
-        diffs = [(self.model_out(n) - m0) / bcast(r, x) for n, r in zip(older, rks)]
-        if new is not None:
-            rks.append(torch.ones_like(h))
-            diffs.append(self.model_out(new) - m0)
-        n_terms = len(diffs)
+        rks = [(lam(s) - lam(sigmas[0])) / h for s in sigmas[1:]] + ([torch.ones_like(h)] if corrector else [])
+        n_terms = len(rks)
         if n_terms == 0:
             rhos: list[torch.Tensor] = []
-        elif (new is None and order == 2) or (new is not None and order == 1):
+        elif (not corrector and len(sigmas) == 2) or (corrector and len(sigmas) == 1):
             rhos = [torch.full_like(h, 0.5)]  # the simplified order-2 predictor / order-1 corrector
         else:
             g = phi_ratios(hh, n_terms)
             b = torch.stack([math.factorial(k + 1) * g[k] / b_h for k in range(n_terms)], -1)  # [B', p]
             r = torch.stack([torch.stack(rks, -1) ** k for k in range(n_terms)], -2)  # R_{k,i} = r_i^k
             rhos = list(torch.linalg.solve(r, b).unbind(-1))
-        res = sum((bcast(rho, x) * dd for rho, dd in zip(rhos, diffs)), torch.zeros_like(x))
-        return self.combine(x, n0, t_next, bcast(torch.expm1(hh), x) * m0 + bcast(b_h, x) * res, scale)
+        w = [b_h * rho / rk for rho, rk in zip(rhos, rks)]
+        return self.to_update(sigmas[0], t_next, [torch.expm1(hh) - sum(w, torch.zeros_like(h)), *w])
 
     def step(self, x, hist, t_next, info, ev, scale=1.0):
         return self._update(x, hist, t_next, self.order(len(hist), info), scale, None)

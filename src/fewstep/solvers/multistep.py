@@ -1,11 +1,11 @@
-"""Linear multistep solvers on d (SPEC §4.4–4.6): iPNDM, exact variable-step Adams–Bashforth, DEIS."""
+"""Linear multistep solvers on d (docs/maths.md §4.4–4.6): iPNDM, exact variable-step Adams–Bashforth, DEIS."""
 
 from __future__ import annotations
 
 import torch
 
 from ..schedules import VPLinear
-from .base import Node, Option, Solver, StepInfo, bcast, order_option, register
+from .base import Node, Option, Solver, StepInfo, affine, order_option, register
 from .primitives import ADAMS_BASHFORTH, lagrange_step_weights
 
 
@@ -24,8 +24,9 @@ class _LinearMultistep(Solver):
 
     def step(self, x, hist, t_next, info, ev, scale=1.0):
         nodes = hist[::-1][: self.order(hist)]
-        coeffs = self.coefficients(nodes, t_next, info)
-        return x + sum(bcast(c, x) * scale * n.d for c, n in zip(coeffs, nodes))  # scale folded into C
+        coeffs = self.plan([n.sigma for n in nodes] + [t_next], (info.sigma_min, info.sigma_max),
+                           lambda: tuple(self.coefficients(nodes, t_next, info)))
+        return affine(x, 1.0, [(c, n.d) for c, n in zip(coeffs, nodes)], scale)
 
 
 @register

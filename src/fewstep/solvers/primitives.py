@@ -33,7 +33,7 @@ def lagrange_step_weights(
     """C_j = ∫_{t_cur}^{t_next} L_j(φ(σ)) dσ for the Lagrange basis L_j through the nodes φ(σ_j).
 
     With φ = identity this is the exact variable-step Adams–Bashforth method in σ (iPNDM_v, DEIS-ρAB,
-    k-diffusion's LMS); with φ = VP time τ(σ) it is DEIS-tAB (the substitution dσ = σ'(τ)dτ turns SPEC's
+    k-diffusion's LMS); with φ = VP time τ(σ) it is DEIS-tAB (the substitution dσ = σ'(τ)dτ turns the usual
     ∫ L_j(τ)σ'(τ)dτ into this smooth integral over σ). Gauss–Legendre with `quad_points` nodes is exact for
     polynomial integrands of degree < 2·quad_points. All σ's are float64 [1] or [B]; returns one [B'] per node.
     """

@@ -1,0 +1,2 @@
+"""AMED: the learned mean-direction predictor, its features, distillation training, recipes and checkpoints
+(docs/maths.md §8)."""

@@ -1,0 +1,415 @@
+"""`FewstepScheduler`: any fewstep solver (and AMED-Plugin) as a diffusers scheduler, a thin consumer of fewstep's
+driver; the design is described in `fewstep.integrations.diffusers`, which re-exports it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+except ImportError as e:  # pragma: no cover - the optional extra is missing
+    raise ImportError("fewstep.integrations.diffusers needs diffusers: pip install 'fewstep[diffusers]'") from e
+
+from ..amed.features import generic_features, reduce_to_features
+from ..errors import SolverError
+from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, timestep_to_sigma
+from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, nfe, run, solver_dtype
+from ..solvers.base import bcast
+from .vp_table import VPTable, _ddpm_from_config
+
+def _model_sigmas(req: ModelRequest) -> torch.Tensor:
+    """The per-row σ a denoiser receives for this request (exactly what fewstep's Evaluator hands it)."""
+    return req.model_sigma.to(device=req.x.device, dtype=req.x.dtype).expand(req.x.shape[0])
+
+
+def _next_request(steps: Any, reply: Node | None) -> ModelRequest | torch.Tensor:
+    """Send `reply` to the driver and return its next model request, or its result when the run ends."""
+    try:
+        msg = steps.send(reply)
+        while isinstance(msg, GridPoint):
+            msg = steps.send(None)
+        return msg
+    except StopIteration as stop:
+        return stop.value
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """Any fewstep solver (and AMED-Plugin) as a diffusers scheduler; see the module docstring for the design.
+
+    `FewstepScheduler.from_config(pipe.scheduler.config, solver="ipndm", solver_options={"max_order": 3})` keeps the
+    pipeline's ᾱ table and prediction type. Options: `solver`, `solver_options` (the solver's own, see
+    `fewstep solvers`), `schedule` (a fewstep schedule name; default the solver's recommended one) and `rho`,
+    `sigma_min`/`sigma_max` (default: the model's table range), `afs`, `final_sigmas_type` ("zero": a final
+    D(x, σ_min), or "sigma_min"), `snap_timesteps` (round the network's timesteps), `thresholding` with
+    `dynamic_thresholding_ratio`. Runtime-only (not saved in the config): `predictor` (an `AMEDPredictor`, or an
+    AMED checkpoint folder whose stored solver, options, schedule, σ range and AFS then apply) and `unet`
+    (required with a predictor: the pipeline's unet).
+    """
+
+    ignore_for_config: ClassVar[list[str]] = ["predictor", "unet"]
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]  # configs with an ᾱ table
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+        solver: str = "dpmpp",
+        solver_options: dict[str, Any] | None = None,
+        schedule: str | None = None,
+        rho: float | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        afs: bool = False,
+        final_sigmas_type: str = "zero",
+        snap_timesteps: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        predictor: Any = None,
+        unet: nn.Module | None = None,
+    ):
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise SolverError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        ddpm = _ddpm_from_config(self.config)
+        self.betas, self.alphas_cumprod = ddpm.betas.clone(), ddpm.alphas_cumprod.clone()
+        self._table = VPTable(self.alphas_cumprod, prediction_type, snap_timesteps)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.sigmas: torch.Tensor | None = None
+        self._grid: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+        self._checkpoint_steps: int | None = None
+        self.attach(predictor, unet)
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' `from_config`, also accepting the runtime-only `predictor=` and `unet=`."""
+        runtime = {k: kwargs.pop(k) for k in cls.ignore_for_config if k in kwargs}
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = out[0] if isinstance(out, tuple) else out
+        if runtime:
+            scheduler.attach(**runtime)
+        return out
+
+    # -------------------------------------------------------------------------------------------- setup
+
+    def attach(self, predictor: Any = None, unet: nn.Module | None = None) -> FewstepScheduler:
+        """Set (or clear) the AMED predictor and the pipeline's unet; validates the solver configuration."""
+        self.predictor = None
+        if predictor is not None:
+            if isinstance(predictor, (str, Path)):
+                from ..amed.checkpoint import load_checkpoint
+
+                predictor, st = load_checkpoint(predictor)
+                self.register_to_config(solver=st.student, solver_options=dict(st.student_options),
+                                        schedule=st.schedule, rho=st.rho, sigma_min=st.sigma_min,
+                                        sigma_max=st.sigma_max, afs=st.afs)
+                self._checkpoint_steps = st.num_steps
+            if not callable(getattr(predictor, "control", None)):
+                raise SolverError("predictor must be an AMEDPredictor or an AMED checkpoint folder, got "
+                                  f"{type(predictor).__name__}")
+            if unet is None:
+                raise SolverError("AMED-Plugin inside a pipeline needs unet=pipe.unet: its mid_block output feeds "
+                                  "the predictor, and the learned per-sample times are passed to it")
+            self.predictor = predictor
+        self.unet = unet
+        self._solver_options = dict(self.config.solver_options or {})
+        self._card = None
+        if self.config.solver.startswith("learned:"):  # a learned solver card: its own grid and AFS
+            from ..learned import load_card
+
+            if self.predictor is not None:
+                raise SolverError("a learned solver card takes no AMED predictor")
+            self._card = load_card(self.config.solver[len("learned:"):])
+            self._algo = self._card.solver()
+            self.register_to_config(afs=self._card.afs)
+        else:
+            self._algo = get_solver(self.config.solver, **self._solver_options)
+            nfe(self.config.solver, 2, amed=self.predictor is not None, **self._solver_options)  # heun has no AMED
+        self.order = self._order()
+        self._grid = None
+        self._timestep_plans: dict[tuple, torch.Tensor] = {}
+        self._reset()
+        return self
+
+    def _order(self) -> int:
+        return 2 if (self.predictor is not None or self._algo.evals_per_step == 2) else 1
+
+    @property
+    def sigma_table(self) -> torch.Tensor:
+        return self._table.sigma_table
+
+    @property
+    def grid(self) -> torch.Tensor | None:
+        """fewstep's σ grid of the current run (float64, positive points: `sigmas` without its final 0)."""
+        return self._grid
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """σ_0: the pipeline's initial latents σ_0·z are fewstep's x_T."""
+        return float(self._grid[0]) if self._grid is not None else (self.config.sigma_max or self._table.sigma_max)
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int:
+        return 0
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if begin_index != 0:
+            raise NotImplementedError("FewstepScheduler runs the whole ODE from pure noise; starting part-way "
+                                      "(img2img / inpainting with strength < 1) is not supported")
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def _reset(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._steps: Any = None  # the driver's generator of the current run
+        self._evaluations = 0
+        self._pending: ModelRequest | None = None
+        self._done = False
+        self._step_index: int | None = None if self._grid is None else 0
+        self._armed: torch.Tensor | None = None  # per-row model timesteps while the network call is pending
+        self._captured: torch.Tensor | None = None
+        self._returned: torch.Tensor | None = None
+        self._warned = False
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[float] | torch.Tensor | None = None,
+                      sigmas: list[float] | torch.Tensor | None = None) -> None:
+        """Build the σ grid and the list of model timesteps (one per network call), and forget any earlier run.
+
+        `num_inference_steps` counts intervals, the final step to σ = 0 included when `final_sigmas_type` is
+        "zero"; or give custom `timesteps` (the grid in model timesteps) or `sigmas` (a trailing 0 asks for the
+        final step to σ = 0).
+        """
+        cfg = self.config
+        dtz = cfg.final_sigmas_type == "zero"
+        given = sum(v is not None for v in (num_inference_steps, timesteps, sigmas))
+        if given != 1:
+            raise SolverError("give exactly one of num_inference_steps, timesteps or sigmas")
+        if sigmas is not None:
+            s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+            dtz = bool(s.numel() > 0 and s[-1] == 0)
+            grid = check_schedule(s[:-1] if dtz else s, "sigmas")
+        elif timesteps is not None:
+            ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
+            grid = check_schedule(timestep_to_sigma(ts, self._table.sigma_table), "timesteps (as sigmas)")
+        elif self._card is not None:
+            n = int(num_inference_steps)
+            if (n if dtz else n + 1) != self._card.num_steps:
+                raise SolverError(f"this card runs {self._card.num_steps - 1} intervals: use num_inference_steps="
+                                  f"{self._card.num_steps - 1 + int(dtz)} (final_sigmas_type={cfg.final_sigmas_type!r})")
+            grid = self._algo.grid
+        else:
+            n = int(num_inference_steps)
+            points = n if dtz else n + 1
+            if points < 2:
+                raise SolverError(f"num_inference_steps={n} gives {points} grid point(s); fewstep needs >= 2 "
+                                  f"(use >= {2 if dtz else 1} steps)")
+            name, rho = cfg.schedule, cfg.rho
+            if name is None:
+                name, rec_rho = self._algo.recommended_schedule
+                rho = rec_rho if rho is None else rho
+            if name not in DEFAULT_RHO:
+                rho = None  # e.g. an EDM scheduler config's rho, meaningless for logsnr / discrete
+            lo = cfg.sigma_min if cfg.sigma_min is not None else self._table.sigma_min
+            hi = cfg.sigma_max if cfg.sigma_max is not None else self._table.sigma_max
+            grid = get_schedule(name, points, lo, hi, rho=rho, model=self._table)
+        ckpt_steps = self._checkpoint_steps
+        if ckpt_steps is not None and ckpt_steps != len(grid):
+            warnings.warn(f"the AMED predictor was trained for {ckpt_steps} grid points; this run uses {len(grid)}",
+                          stacklevel=2)
+        self._grid, self._dtz = grid, dtz
+        self._reset()
+        self._step_index = 0
+        ts = self._model_timesteps()
+        if cfg.snap_timesteps:
+            ts = ts.long()
+        self.timesteps = ts.to(device)
+        self.sigmas = torch.cat([grid, grid.new_zeros(int(dtz))]).to(device=device, dtype=torch.float32)
+        self.num_inference_steps = len(grid) - 1 + int(dtz)
+        self.order = self._order()
+        if self.predictor is not None:
+            self._install_hooks()
+
+    def _model_timesteps(self) -> torch.Tensor:
+        """The model timestep of every evaluation of a run on the current grid, from a dry run of the driver
+        (data-independent, except AMED's learned s_n: placeholders); cached per grid without a predictor."""
+        key = (tuple(self._grid.tolist()), self._dtz)
+        if self.predictor is None and key in self._timestep_plans:
+            return self._timestep_plans[key].clone()
+        asked: list[torch.Tensor] = []
+
+        def record(req: ModelRequest) -> torch.Tensor:
+            asked.append(_model_sigmas(req)[:1])
+            return torch.zeros_like(req.x)
+
+        with torch.no_grad():
+            answer(self._start(torch.zeros(1, 1)), record)
+        expected = (self._card.nfe + int(self._dtz) if self._card is not None else
+                    nfe(self.config.solver, len(self._grid), afs=self.config.afs, denoise_to_zero=self._dtz,
+                        amed=self.predictor is not None, **self._solver_options))
+        assert len(asked) == expected, f"internal: {len(asked)} evaluations, nfe() says {expected}"
+        ts = self._table.timesteps(torch.cat(asked))
+        if self.predictor is None:
+            self._timestep_plans[key] = ts.clone()
+        return ts
+
+    def _install_hooks(self) -> None:
+        unet = self.unet
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            if self._armed is None:
+                return None
+            rows = (args[0] if args else kwargs["sample"]).shape[0]
+            if rows % self._armed.shape[0]:
+                raise SolverError(f"unet called with batch {rows}, not a multiple of the scheduler's "
+                                  f"{self._armed.shape[0]} rows")
+            t = self._armed.repeat(rows // self._armed.shape[0])
+            if len(args) >= 2:
+                return (args[0], t, *args[2:]), kwargs
+            return args, {**kwargs, "timestep": t}
+
+        self._hooks.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
+        mid = getattr(unet, "mid_block", None)
+        if mid is not None:
+            def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+                if self._armed is not None:
+                    self._captured = output[0] if isinstance(output, (tuple, list)) else output
+
+            self._hooks.append(mid.register_forward_hook(capture))
+
+    # -------------------------------------------------------------------------------------------- driving
+
+    def _start(self, x_T: torch.Tensor) -> Any:
+        """fewstep.sample's driver on the grid from the state x_T at σ_0 (predictor, AFS, denoise_to_zero)."""
+        controller = self.predictor.control if self.predictor is not None else None
+        return run(self._algo, x_T, self._grid, afs=self.config.afs, controller=controller,
+                   denoise_to_zero=self._dtz)
+
+    def _check_ready(self) -> None:
+        if self._grid is None:
+            raise SolverError("call set_timesteps() before scale_model_input() / step()")
+        if self._done:
+            raise SolverError(f"the run is complete after {self._evaluations} model evaluations; call "
+                              "set_timesteps() to start a new one")
+
+    def _edited(self, latents: torch.Tensor) -> bool:
+        """Whether the pipeline changed the latents that the last `step()` returned."""
+        returned = self._returned
+        return returned is not None and latents is not returned and not torch.equal(latents, returned)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The network input x_vp = x/√(1+σ²) of the pending evaluation, repeated to `sample`'s rows (guidance).
+        Before `set_timesteps` the sample is returned unchanged, as by diffusers' schedulers."""
+        if self._grid is None:
+            return sample
+        self._check_ready()
+        if self._pending is None:  # before the first step(): the batch size is not known yet
+            x_T = sample.detach().to(solver_dtype(sample))
+            rows = x_T.shape[0]  # guess the guidance copies (exactness only: the first step is row-wise anyway)
+            b = next((c for c in range(1, rows) if rows % c == 0
+                      and torch.equal(x_T, torch.cat([x_T[:c]] * (rows // c)))), rows)
+            with torch.no_grad():
+                req = _next_request(self._start(x_T[:b]), None)
+            x = req.x
+        else:
+            req = self._pending
+            b = req.x.shape[0]
+            if sample.shape[0] % b or sample.shape[1:] != req.x.shape[1:]:
+                raise SolverError(f"scale_model_input got shape {tuple(sample.shape)}, expected rows of "
+                                  f"{tuple(req.x.shape)} (the scheduler's state)")
+            latents = sample[:b] if sample.shape[0] > b else sample
+            x = latents.to(req.x.dtype) if req.grid_point and self._edited(latents) else req.x
+        k = sample.shape[0] // b
+        rows_x, rows_s = (torch.cat([x] * k), torch.cat([_model_sigmas(req)] * k)) if k > 1 else (x, _model_sigmas(req))
+        self._captured = None
+        if self.predictor is not None:  # the pre-hook hands the network these exact per-row timesteps
+            self._armed = self._table.timesteps(rows_s)
+        return self._table.model_input(rows_x, rows_s).to(sample.dtype)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True,
+             **kwargs: Any) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Answer the pending evaluation with the network output; return the state of the next one (or the
+        result). Latents edited since the last call are the state the run continues from (see the module doc)."""
+        self._check_ready()
+        if self._steps is None:
+            self._steps = self._start(sample.detach().to(solver_dtype(sample)).clone())
+            with torch.no_grad():
+                self._pending = _next_request(self._steps, None)
+        req = self._pending
+        x = req.x
+        if self._edited(sample):
+            if req.grid_point:
+                x = sample.detach().to(req.x.dtype)
+            elif not self._warned:
+                warnings.warn("latents edited before an intermediate evaluation (a multi-stage step or AMED's "
+                              "inserted point) are ignored: that state is not a point of the trajectory",
+                              stacklevel=2)
+                self._warned = True
+        b = x.shape[0]
+        if model_output.shape[0] != b:
+            raise SolverError(f"step() got a model output of batch {model_output.shape[0]} for a state of batch {b} "
+                              "(combine the guidance branches before step(), as diffusers' pipelines do)")
+        features = None
+        if self.predictor is not None:
+            captured = self._captured
+            if self.unet is not None and getattr(self.unet, "mid_block", None) is not None:
+                if captured is None or captured.shape[0] % b:
+                    raise SolverError("the unet's mid_block produced no output of the expected batch during this step")
+                features = lambda x, d: reduce_to_features(captured[-b:])
+            else:
+                features = generic_features
+        out = model_output
+        ev = Evaluator(lambda x, s: self._table.denoised(x, s, out),
+                       self.config.dynamic_thresholding_ratio if self.config.thresholding else None, features)
+        with torch.no_grad():
+            node = ev(x, req.sigma, req.index, model_sigma=req.model_sigma)
+            nxt = _next_request(self._steps, node)
+        self._evaluations += 1
+        self._armed, self._captured = None, None
+        self._step_index += 1
+        if isinstance(nxt, ModelRequest):
+            self._pending = nxt
+            if self.predictor is not None and self._step_index < len(self.timesteps):  # the learned time, in place
+                t = self._table.timesteps(_model_sigmas(nxt)).mean()
+                self.timesteps[self._step_index] = t.round() if not self.timesteps.is_floating_point() else t
+            prev = nxt.x
+        else:
+            self._pending, self._done = None, True
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            prev = nxt
+        prev_sample = prev.to(sample.dtype)
+        self._returned = prev_sample
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """VE noising x = x₀ + σ(t)·n (the scheduler's latent convention)."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
+        s = timestep_to_sigma(t, self._table.sigma_table).to(original_samples.device, original_samples.dtype)
+        return original_samples + bcast(s, original_samples) * noise
+
+
+__all__ = ["FewstepScheduler"]
