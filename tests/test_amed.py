@@ -213,13 +213,15 @@ def test_predictor_for_other_weights_is_refused(tmp_path):
 def test_demo_command_writes_every_output(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "fewstep", "demo", "--model", "gmm", "--n", "16", "--kimg", "0.064",
-                          "--amed-nfe", "3", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+                          "--amed-nfe", "3", "--card-nfe", "3", "--card-iters", "5", "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("table.md", "table.json", "error_vs_nfe.png", "samples_nfe5.png"):
         assert (out / name).stat().st_size > 0, name
     records = json.loads((out / "table.json").read_text())
     solvers = {r["solver"] for r in records}
-    assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc"} <= solvers
+    assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc",
+            "learned card (UniPC)"} <= solvers
     assert {r["nfe"] for r in records} == set(range(3, 11))
     assert "AMED-Plugin" in run.stdout
 

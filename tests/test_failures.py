@@ -271,3 +271,21 @@ def test_results_independent_of_batch_size(tmp_path, model, solver):
     assert pngs(runs[3]) == pngs(runs[64])
     a, b = np.load(runs[3] / "all.npz"), np.load(runs[64] / "all.npz")
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["seeds"], b["seeds"])
+
+
+@pytest.mark.parametrize("sig,code", SIGNALS)
+def test_interrupt_during_learn_checkpoints_and_resumes(tmp_path, sig, code, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))  # no teacher pairs cached by another test
+    # calls: 9 + 9 for the teacher pairs (a network's DEIS teacher on 10 points), 2 for the first validation,
+    # then 2 per iteration
+    spec, marker = user_model(tmp_path, block_at=9 + 9 + 2 + 2 * 3 + 1)  # inside iteration 4
+    out = tmp_path / "card"
+    args = ["learn", "--model", spec, "--base", "dpmpp", "--nfe", "2", "--afs", "--iters", "8", "--pairs", "4",
+            "--val-pairs", "2", "--batch", "4", "--teacher-steps", "10", "--out", str(out), "--no-progress"]
+    rc = _interrupt_when_blocked([sys.executable, "-m", "fewstep", *args], marker, {}, sig)
+    assert rc == code
+    state = torch.load(out / "learn_state.pt", weights_only=False)
+    assert state["iteration"] == 3 and not (out / "card.json").exists() and leftovers(tmp_path) == []
+    assert main(args) == 0  # resumes from iteration 3 and writes the card
+    assert torch.load(out / "learn_state.pt", weights_only=False)["iteration"] == 8
+    assert (out / "card.json").exists()

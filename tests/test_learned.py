@@ -171,10 +171,27 @@ def test_learn_cli_bench_and_export(tmp_path, capsys):
     assert len(learned) == 1 and learned[0]["nfe"] == 3
 
 
-def test_learn_cli_rejects_bad_input(tmp_path, capsys):
-    assert main(["learn", "--model", "gmm", "--nfe", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "--nfe" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("args,name", [
+    (["--nfe", "0"], "--nfe"), (["--lr", "nan"], "--lr"), (["--batch", "0"], "--batch"),
+    (["--params", "steps,bogus"], "--params"), (["--init-schedule", "logsnr:abc"], "--init-schedule"),
+    (["--base", "heun"], "--base"), (["--params", "steps,mean"], "mean"),
+])
+def test_learn_cli_rejects_bad_input(tmp_path, capsys, args, name):
+    try:
+        code = main(["learn", "--model", "gmm", *args, "--iters", "1", "--pairs", "4", "--val-pairs", "2",
+                     "--teacher-steps", "20", "--no-progress", "--out", str(tmp_path / "x")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "card.json").exists()
+
+
+def test_learn_export_needs_a_card(tmp_path, capsys):
+    assert main(["learn", "export"]) == 2
+    assert main(["learn", "export", str(tmp_path)]) == 2
+    assert "card.json" in capsys.readouterr().err
 
 
 def test_sample_cli_with_a_card_writes_a_manifest_and_resumes(tmp_path):
@@ -187,3 +204,26 @@ def test_sample_cli_with_a_card_writes_a_manifest_and_resumes(tmp_path):
     assert manifest["solver"] == "learned" and manifest["nfe"] == 4 and "fingerprint" in manifest["card"]
     assert main([*args, "--out", str(out)]) == 0  # same card: resumes
     assert main([*args, "--nfe", "3", "--out", str(tmp_path / "o2")]) == 2  # the card is NFE 4
+
+
+def test_learned_afs_shift_moves_the_first_node_only():
+    """With a shift μ the first node is AFS's analytic D_0 + μ, still without a model call."""
+    mu = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    card = _card(afs=True, n=3, afs_shift=mu.tolist(), params=["mean"])
+    solver = card.solver()
+    x0 = seeded_noise(range(2), GMM.shape) * 80.0
+    plain = fewstep.solvers.base.afs_node(x0, solver.grid[:1])
+    node = solver.afs_node(x0, solver.grid[:1])
+    assert torch.equal(node.denoised, plain.denoised + mu.reshape(1, 1, 8, 8))
+    ev = Evaluator(GMM.denoiser)
+    integrate(solver, ev, x0, solver.grid, afs=True)
+    assert ev.calls == card.nfe == 2
+
+
+def test_afs_shift_is_validated(tmp_path):
+    with pytest.raises(CardError, match="afs_shift"):
+        _write(tmp_path, lambda r: r.update(afs_shift=[0.0] * 10))
+        load_card(tmp_path)
+    with pytest.raises(CardError, match="afs_shift"):
+        _write(tmp_path, lambda r: r.update(afs_shift=[0.0] * 64, afs=False))
+        load_card(tmp_path)

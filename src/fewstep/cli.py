@@ -129,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: AMED predictors and every classic solver on a built-in model; table, JSON, plots."""
+    """The main job: AMED predictors, learned solver cards and every classic solver on a built-in model; table,
+    JSON, plots."""
     from .demo import run_demo
 
     out = Path(args.out)
@@ -140,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kimg = args.kimg or (3.2 if network else 10.0)
     pool = 256 if network else 0
     records = run_demo(model, out, n=n, kimg=kimg, pool=pool, batch=64 if network else 128, amed_nfes=args.amed_nfe,
-                       progress=not args.no_progress, log=lambda text: console.print(text, markup=False))
+                       card_nfes=args.card_nfe, card_iters=args.card_iters, progress=not args.no_progress, log=lambda text: console.print(text, markup=False))
     nfes = sorted({r["nfe"] for r in records})
     header, rows = table_rows(records, nfes)
     _print_table(header, rows, f"RMSE to the reference solution — {model.name}, {n} samples (* best per NFE)")
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kimg", type=positive_float, default=None,
                    help="training trajectories (thousands) per predictor (default 3.2 for a network, 10 otherwise)")
     p.add_argument("--amed-nfe", type=int_list, default=[5], help="NFEs to train AMED predictors for (default 5)")
+    p.add_argument("--card-nfe", type=int_list, default=[3, 5],
+                   help="NFEs to learn UniPC solver cards for (default 3,5; fewstep learn)")
+    p.add_argument("--card-iters", type=int_in(1), default=None,
+                   help="training iterations per card (default 150 for a network, 400 otherwise)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)

@@ -1,6 +1,6 @@
-"""`fewstep demo`: the main job. Train AMED-Solver and AMED-Plugin (iPNDM, DEIS) predictors on a built-in model,
-benchmark them beside every classic solver at NFE 3–10 from the same noise against the same reference, and
-write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG of the same seeds at NFE 5.
+"""`fewstep demo`: the main job. Train AMED-Solver and AMED-Plugin (iPNDM, DEIS) predictors and learned UniPC
+solver cards on a built-in model, benchmark them beside every classic solver at NFE 3–10 from the same noise
+against the same reference, and write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG of the same seeds at NFE 5.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .evaluation.bench import DEFAULT_SOLVERS, SolverSpec, markdown_table, table
 from .evaluation.plots import plot_error_vs_nfe
 from .evaluation.reference import reference_solution, rmse
 from .io import atomic_write, write_json, write_text
+from .learned.train import LearnConfig, learn
 from .models.registry import ModelInfo
 from .noise import seeded_noise
 from .sampling import to_uint8
@@ -31,10 +32,13 @@ DEMO_NFES = (3, 4, 5, 6, 7, 8, 9, 10)
 AMED_NFES = (3, 5, 7, 9)
 AMED_RECIPES = {"AMED-Solver": "solver", "AMED-Plugin[ipndm]": "plugin-ipndm", "AMED-Plugin[deis]": "plugin-deis"}
 PICTURE_NFE = 5
+CARD_NFES = (3, 5)
+CARD_PARAMS = ("steps", "offsets", "coeffs", "weights")
 
 
 def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0, pool: int = 0,
-             batch: int = 128, amed_nfes: tuple[int, ...] = AMED_NFES, progress: bool = True,
+             batch: int = 128, amed_nfes: tuple[int, ...] = AMED_NFES, card_nfes: tuple[int, ...] = CARD_NFES,
+             card_iters: int | None = None, progress: bool = True,
              log: Any = print) -> list[dict[str, Any]]:
     """Run the demo; `pool` > 0 reuses that many teacher runs in AMED training (for network models)."""
     out = Path(out)
@@ -70,6 +74,19 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
             if nfe == PICTURE_NFE:
                 pictures[label] = x[:8].cpu()
             log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
+    for nfe in card_nfes:  # the learned global solver: the most accurate per model call (README, learned solvers)
+        cfg = LearnConfig(base="unipc", nfe=nfe, afs=True, params=CARD_PARAMS, init_schedule="time_uniform:1",
+                          loss="rmse", lr=0.01, pairs=256 if not model.exact else 512, val_pairs=64,
+                          iters=card_iters or (150 if not model.exact else 400))
+        card = learn(model, cfg, out / "cards" / f"nfe{nfe}", progress=progress,
+                     time_limit=90.0 if not model.exact else None)
+        x = sample(model.denoiser, noise, card.solver())
+        records.append({"solver": "learned card (UniPC)", "schedule": "learned", "nfe": nfe, "num_steps": card.num_steps,
+                        "afs": True, "learned": True, "rmse": rmse(x, ref), "train_seconds": card.training["seconds"],
+                        **fd(x)})
+        if nfe == PICTURE_NFE:
+            pictures["learned card (UniPC)"] = x[:8]
+        log(f"learned a UniPC card for NFE {nfe} in {card.training['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
     header, rows = table_rows(records, list(DEMO_NFES))
     title = f"RMSE to the reference solution — {model.name} ({model.description}), {n} samples"
     text = f"# {title}\n\n(* best per NFE)\n\n" + markdown_table(header, rows)

@@ -40,8 +40,7 @@ class Card:
     offsets: list[float]  # ξ_i for the evaluated grid points 0 … N−1 (0 at AFS's analytic first point)
     weights: list[list[float]] | None = None  # Δw [N][K] on d (None: not learned)
     coeffs: list[list[float]] | None = None  # Δβ [N][K] on D
-    afs_mean: list[float] | None = None  # μ of the learned first node (AFS), flattened data shape
-    afs_std: float | None = None  # its data scale s
+    afs_shift: list[float] | None = None  # μ added to AFS's first D_0, flattened data shape (None: not learned)
     params: list[str] = field(default_factory=list)  # the families that were learned
     model: dict[str, Any] = field(default_factory=dict)  # name, shape, fingerprint, sigma_min, sigma_max
     conditions: dict[str, Any] | None = None  # condition distribution and guidance (conditional models)
@@ -65,7 +64,7 @@ class Card:
         as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return LearnedSolver(self.base, self.base_options, as_tensor(self.sigmas), self.afs, as_tensor(self.offsets),
                              as_tensor(self.weights), as_tensor(self.coeffs), label=self.label,
-                             afs_mean=as_tensor(self.afs_mean), afs_std=self.afs_std)
+                             afs_shift=as_tensor(self.afs_shift))
 
     def check_model(self, model: Any) -> None:
         """Refuse a model other than the one the card was fitted to (name, shape, weights)."""
@@ -159,15 +158,13 @@ def validate(raw: Any, where: str) -> Card:
             raise fail(key, "rows must be non-empty lists of equal length")
         for i, row in enumerate(rows):
             _numbers(row, f"{key}[{i}]", fail)
-    if raw.get("afs_mean") is not None:
-        mean = _numbers(raw["afs_mean"], "afs_mean", fail)
+    if raw.get("afs_shift") is not None:
+        shift = _numbers(raw["afs_shift"], "afs_shift", fail)
         shape = raw.get("model", {}).get("shape")
-        if isinstance(shape, list) and all(isinstance(v, int) for v in shape) and len(mean) != math.prod(shape):
-            raise fail("afs_mean", f"has {len(mean)} values for data of shape {shape}")
-        std = raw.get("afs_std")
-        if not raw["afs"] or isinstance(std, bool) or not isinstance(std, (int, float)) or not (
-                math.isfinite(std) and std > 0):
-            raise fail("afs_std", "must be a positive number, with afs true, when afs_mean is given")
+        if isinstance(shape, list) and all(isinstance(v, int) for v in shape) and len(shift) != math.prod(shape):
+            raise fail("afs_shift", f"has {len(shift)} values for data of shape {shape}")
+        if not raw["afs"]:
+            raise fail("afs_shift", "needs afs true (it shifts AFS's first node)")
     params = raw.get("params", [])
     if not isinstance(params, list) or not set(params) <= set(PARAMETER_FAMILIES):
         raise fail("params", f"must be a list drawn from {list(PARAMETER_FAMILIES)}")

@@ -10,7 +10,7 @@ with h_i = σ_{i+1} − σ_i: Δw corrects the multistep weights on d (DyWeight-
 the exponential-integrator coefficients on D (GS-style). The base update and the corrections are linear in the
 history, so with ξ = Δw = Δβ = 0 the card *is* its base solver on that grid, bit for bit (the zero terms are
 skipped). A predictor–corrector base (UniPC) gets the same Δx after its corrector. With AFS, an optional learned
-mean μ (one value per data dimension) and scale s refine the analytic first node (`afs_node`).
+shift μ (one value per data dimension, zero = plain AFS) is added to the analytic first node's D_0.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ class LearnedSolver(Solver):
 
     def __init__(self, base: str, base_options: dict[str, Any], grid: torch.Tensor, afs: bool,
                  offsets: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                 coeffs: torch.Tensor | None = None, label: str = "", afs_mean: torch.Tensor | None = None,
-                 afs_std: float | None = None):
+                 coeffs: torch.Tensor | None = None, label: str = "", afs_shift: torch.Tensor | None = None):
         super().__init__()
         if base not in BASES:
             raise SolverError(f"learned solvers build on one of {', '.join(BASES)}, not {base!r}")
@@ -46,17 +45,17 @@ class LearnedSolver(Solver):
         for field, value, rows in (("offsets", offsets, n), ("weights", weights, n), ("coeffs", coeffs, n)):
             if value is not None and value.shape[0] != rows:
                 raise SolverError(f"card {field}: {value.shape[0]} rows for a grid of {n} intervals")
-        if afs_mean is not None and (not afs or afs_std is None or not afs_std > 0):
-            raise SolverError("a learned AFS mean needs afs=True and a positive afs_std")
-        self.offsets, self.weights, self.coeffs = offsets, weights, coeffs
-        self.afs_mean, self.afs_std = afs_mean, afs_std
+        if afs_shift is not None and not afs:
+            raise SolverError("a learned AFS shift needs afs=True")
+        self.offsets, self.weights, self.coeffs, self.afs_shift = offsets, weights, coeffs, afs_shift
         window = max((m.shape[1] for m in (weights, coeffs) if m is not None), default=0)
         self.history = max(self.base.history, window)
         self.corrects = self.base.corrects
         self.recommended_schedule = self.base.recommended_schedule
         # Skip zero terms at sampling time (bit-exact base); while training every term stays in the graph.
         self._live = {name: m is not None and (m.requires_grad or bool((m != 0).any()))
-                      for name, m in (("offsets", offsets), ("weights", weights), ("coeffs", coeffs))}
+                      for name, m in (("offsets", offsets), ("weights", weights), ("coeffs", coeffs),
+                                      ("afs_shift", afs_shift))}
 
     @property
     def nfe(self) -> int:
@@ -77,13 +76,13 @@ class LearnedSolver(Solver):
         return self.afs
 
     def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
-        """AFS; with a learned mean μ and data scale s: D_0 = μ + s²/(s² + σ_0²)·(x_0 − μ), the posterior mean of
-        data N(μ, s²I) (plain AFS is μ = 0, s = 1)."""
-        if self.afs_mean is None:
-            return super().afs_node(x, sigma)
-        mu = self.afs_mean.to(device=x.device, dtype=x.dtype).reshape(1, *x.shape[1:])
-        kappa = bcast(self.afs_std**2 / (self.afs_std**2 + sigma**2), x)
-        return Node(sigma, x, mu + kappa * (x - mu))
+        """AFS's analytic first node, plus a learned shift μ of D_0 (one value per data dimension): plain AFS
+        assumes zero-mean data, and μ learns what the data's mean adds to E[x_0 | x_T]."""
+        node = super().afs_node(x, sigma)
+        if not self._live["afs_shift"]:
+            return node
+        shift = self.afs_shift.to(device=x.device, dtype=x.dtype).reshape(1, *x.shape[1:])
+        return Node(sigma, x, node.denoised + shift)
 
     def eval_sigma(self, sigma: torch.Tensor, index: int) -> torch.Tensor | None:
         if not self._live["offsets"] or index >= len(self.offsets):

@@ -8,7 +8,7 @@ with the network frozen and gradients flowing through every model call to the ca
     steps    θ ∈ ℝ^N: log σ_i = log σ_max + u_i·(log σ_min − log σ_max), u = [0, cumsum(softmax θ)]
     offsets  ξ ∈ ℝ^N: the model is called at σ_i·exp(ξ_i)
     weights  Δw ∈ ℝ^{N×K}, coeffs Δβ ∈ ℝ^{N×K}: additive corrections of the update (learned/solver.py)
-    mean     μ ∈ ℝ^dim (AFS only): the first node D_0 = μ + s²/(s² + σ_0²)(x_0 − μ), from the teacher mean and scale s
+    mean     μ ∈ ℝ^dim (AFS only): a shift of AFS's analytic first node, D_0 ← D_0 + μ
 
 The loss is the mean over the batch of ‖x_N − x_teacher‖²/dim (`l2`), of its square root (`rmse`, the benchmark's
 metric) or of |x_N − x_teacher| (`l1`); with
@@ -80,6 +80,8 @@ class LearnConfig:
             raise bad("--nfe", f"must be an integer in 1…50, got {self.nfe!r}")
         if self.num_intervals < 1:
             raise bad("--nfe", "with --afs must be at least 1")
+        if not self.params:
+            raise bad("--params", f"must name at least one family of {', '.join(PARAMETER_FAMILIES)}")
         unknown = set(self.params) - set(PARAMETER_FAMILIES)
         if unknown:
             raise bad("--params", f"has unknown families {sorted(unknown)}; choose from {', '.join(PARAMETER_FAMILIES)}")
@@ -104,7 +106,7 @@ class CardParameters(torch.nn.Module):
     """The trainable numbers of a card; all zero-correction at initialisation (the card is then its base)."""
 
     def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool,
-                 data_mean: torch.Tensor | None = None, data_std: float = 1.0):
+                 data_dim: int = 0):
         super().__init__()
         n = len(init_grid) - 1
         log = init_grid.log()
@@ -117,13 +119,11 @@ class CardParameters(torch.nn.Module):
         k = min(window, n)
         self.dw = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
         self.db = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "coeffs" in families else None
-        # the learned AFS node starts at the teacher samples' mean and scale (docs/maths.md, learned solvers)
-        self.mu = None
+        self.mu = None  # the shift of AFS's first D_0 (docs/maths.md, "Learned global solvers")
         if "mean" in families:
-            if not afs or data_mean is None:
-                raise FewstepError("learn: the 'mean' family refines AFS's first node: it needs --afs")
-            self.mu = torch.nn.Parameter(data_mean.detach().to(torch.float64).reshape(-1).clone())
-        self.data_std = float(data_std)
+            if not afs:
+                raise FewstepError("learn: the 'mean' family shifts AFS's first node: it needs --afs")
+            self.mu = torch.nn.Parameter(torch.zeros(data_dim, dtype=torch.float64))
         # interval i has nodes 0…i: entry j of row i needs j ≤ i; AFS's first point is never evaluated
         self.register_buffer("history_mask", (torch.arange(k)[None, :] <= torch.arange(n)[:, None]).double())
         self.register_buffer("offset_mask", torch.ones(n, dtype=torch.float64).index_fill(0, torch.tensor([0]),
@@ -142,13 +142,13 @@ class CardParameters(torch.nn.Module):
             "offsets": self.xi * self.offset_mask,
             "weights": None if self.dw is None else self.dw * self.history_mask,
             "coeffs": None if self.db is None else self.db * self.history_mask,
-            "afs_mean": self.mu,
+            "afs_shift": self.mu,
         }
 
     def solver(self, base: str, base_options: dict[str, Any]) -> LearnedSolver:
         t = self.tensors()
         return LearnedSolver(base, base_options, t["grid"], self.afs, t["offsets"], t["weights"], t["coeffs"],
-                             afs_mean=t["afs_mean"], afs_std=self.data_std if self.mu is not None else None)
+                             afs_shift=t["afs_shift"])
 
 
 def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
@@ -244,8 +244,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress).to(device)
     teacher_seconds = time.perf_counter() - began
     torch.manual_seed(cfg.seed)
-    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, targets.mean(0).cpu(),
-                            float(targets.std()))
+    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, math.prod(model.shape))
     dim = math.prod(model.shape)
     delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, device=device,
                         requires_grad=cfg.soft_radius > 0)
@@ -282,12 +281,11 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
                     "best": best, "initial_val": initial_val}
             atomic_write(state_path, lambda tmp: torch.save(snap, tmp))
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(it, cfg.iters) / max(cfg.iters, 1)))
-    ) if opt else None
-    if schedule is not None:
-        for _ in range(start):
-            schedule.step()
+    def cosine(step: int) -> float:  # lr factor at iteration start + step (a resumed run continues the curve)
+        done = min(start + step, cfg.iters) / max(cfg.iters, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine) if opt else None
     per_epoch = max(1, cfg.pairs // cfg.batch)
     bar = tqdm(range(start, cfg.iters), desc=f"learn {cfg.base} NFE {cfg.nfe}", initial=start, total=cfg.iters,
                disable=not progress or rank > 0)
@@ -351,7 +349,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     card = Card(
         base=cfg.base, base_options=dict(cfg.base_options), afs=cfg.afs, sigmas=as_list(t["grid"]),
         offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),
-        afs_mean=as_list(t["afs_mean"]), afs_std=params.data_std if params.mu is not None else None,
+        afs_shift=as_list(t["afs_shift"]),
         params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
         training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"], "val_rmse_initial": initial_val,
                   "best_iteration": best["iteration"], "seconds": time.perf_counter() - began,

@@ -7,9 +7,11 @@ test seeds beside the best classic solver over solvers × schedules × AFS (`eva
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,9 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
         from ..conditioning import ConditionSpec, conditioned_model
 
         test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(range(n_test)))
-    base_cfg = base_config or LearnConfig(pairs=512 if model.exact else 384, iters=400 if model.exact else 200,
-                                          lr=0.01, loss="rmse", window=3)
+    # analytic models: many cheap pairs (the memorising digits-opt overfits 512); networks: the teacher is the cost
+    base_cfg = base_config or LearnConfig(pairs=2048 if model.exact else 1024, val_pairs=256 if model.exact else 128,
+                                          iters=400 if model.exact else 250, lr=0.01, loss="rmse", window=3)
     rows = []
     for nfe in nfes:
         began = time.perf_counter()
@@ -88,7 +91,8 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
                 break
             init, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds)
             cfg = replace(cfg0, base=family.base, params=family.params, init_schedule=init)
-            folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(family.params)}"
+            key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+            folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(family.params)}-{key}"  # resumes the same config
             card = learn(model, cfg, folder, progress=progress, bind=bind, time_limit=max(budget_s - spent, 1.0))
             log(f"NFE {nfe}: {card.label} from {init} (val {init_err:.4f}) → val {card.training['val_rmse']:.4f}")
             tried.append((card.training["val_rmse"], card, folder))
