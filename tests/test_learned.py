@@ -227,3 +227,10 @@ def test_afs_shift_is_validated(tmp_path):
     with pytest.raises(CardError, match="afs_shift"):
         _write(tmp_path, lambda r: r.update(afs_shift=[0.0] * 64, afs=False))
         load_card(tmp_path)
+
+
+def test_card_refuses_a_foreign_grid():
+    solver = _card(afs=True).solver()
+    other = get_schedule("polynomial", len(solver.grid), GMM.sigma_min, GMM.sigma_max)
+    with pytest.raises(fewstep.SolverError, match="own"):
+        fewstep.sample(GMM.denoiser, seeded_noise(range(2), GMM.shape), solver, other)

@@ -91,8 +91,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
     console = _console()
+    base_config = None
+    if args.pairs or args.iters:
+        from .tune import default_config
+
+        base_config = default_config(model, pairs=args.pairs, iters=args.iters)
     tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
-         conditions=conditions, bind=bind, log=lambda text: console.print(escape(text)))
+         conditions=conditions, bind=bind, log=lambda text: console.print(escape(text)), base_config=base_config)
     return 0
 
 
@@ -159,6 +164,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--nfe", type=_int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
     p.add_argument("--budget", type=float, default=600.0, help="seconds of training per NFE (default 600)")
     p.add_argument("--n", type=int, default=None, help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
+    p.add_argument("--pairs", type=int, default=None, help="training pairs (default 2048 analytic / 1024 network)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per card (default 400 analytic / 250 network)")
     _condition_args(p)
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")

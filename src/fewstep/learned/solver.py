@@ -107,6 +107,9 @@ class LearnedSolver(Solver):
         return out
 
     def step(self, x, hist, t_next, info, ev, scale=1.0):
+        if info.index + 1 >= len(self.grid) or float(t_next.detach()) != float(self.grid[info.index + 1].detach()):
+            raise SolverError(f"this card runs on its own {len(self.grid)}-point grid (fewstep learn export DIR "
+                              "--sigmas); do not pass another schedule")
         x_next = self.base.step(x, hist[-self.base.history :], t_next, info, ev, scale)
         delta = self.correction(x, hist, t_next, info.index)
         return x_next if delta is None else x_next + delta

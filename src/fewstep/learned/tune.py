@@ -45,6 +45,13 @@ FAMILIES = (
 )
 
 
+def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None = None) -> LearnConfig:
+    """tune's training settings. Analytic models: many cheap pairs (the memorising digits-opt overfits 512);
+    networks: fewer (the teacher is the cost)."""
+    return LearnConfig(pairs=pairs or (2048 if model.exact else 1024), val_pairs=256 if model.exact else 128,
+                       iters=iters or (400 if model.exact else 250), lr=0.01, loss="rmse", window=3)
+
+
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
                        targets: torch.Tensor, seeds: list[int]) -> tuple[str, float]:
     """The BEST_CLASSIC_SCHEDULES entry on which `base` (with AFS) has the lowest validation RMSE."""
@@ -75,9 +82,7 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
         from ..conditioning import ConditionSpec, conditioned_model
 
         test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(range(n_test)))
-    # analytic models: many cheap pairs (the memorising digits-opt overfits 512); networks: the teacher is the cost
-    base_cfg = base_config or LearnConfig(pairs=2048 if model.exact else 1024, val_pairs=256 if model.exact else 128,
-                                          iters=400 if model.exact else 250, lr=0.01, loss="rmse", window=3)
+    base_cfg = base_config or default_config(model)
     rows = []
     for nfe in nfes:
         began = time.perf_counter()
