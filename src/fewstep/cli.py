@@ -141,7 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kimg = args.kimg or (3.2 if network else 10.0)
     pool = 256 if network else 0
     records = run_demo(model, out, n=n, kimg=kimg, pool=pool, batch=64 if network else 128, amed_nfes=args.amed_nfe,
-                       card_nfes=args.card_nfe, card_iters=args.card_iters, progress=not args.no_progress, log=lambda text: console.print(text, markup=False))
+                       card_nfes=args.card_nfe, card_iters=args.card_iters, progress=not args.no_progress,
+                       log=lambda text: console.print(text, markup=False))
     nfes = sorted({r["nfe"] for r in records})
     header, rows = table_rows(records, nfes)
     _print_table(header, rows, f"RMSE to the reference solution — {model.name}, {n} samples (* best per NFE)")

@@ -1,6 +1,7 @@
 """`fewstep demo`: the main job. Train AMED-Solver and AMED-Plugin (iPNDM, DEIS) predictors and learned UniPC
 solver cards on a built-in model, benchmark them beside every classic solver at NFE 3–10 from the same noise
-against the same reference, and write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG of the same seeds at NFE 5.
+against the same reference, and write the table (markdown + JSON), an error-vs-NFE plot and a side-by-side PNG
+of the same seeds at NFE 5.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         card = learn(model, cfg, out / "cards" / f"nfe{nfe}", progress=progress,
                      time_limit=90.0 if not model.exact else None)
         x = sample(model.denoiser, noise, card.solver())
-        records.append({"solver": "learned card (UniPC)", "schedule": "learned", "nfe": nfe, "num_steps": card.num_steps,
-                        "afs": True, "learned": True, "rmse": rmse(x, ref), "train_seconds": card.training["seconds"],
-                        **fd(x)})
+        records.append({"solver": "learned card (UniPC)", "schedule": "learned", "nfe": nfe,
+                        "num_steps": card.num_steps, "afs": True, "learned": True, "rmse": rmse(x, ref),
+                        "train_seconds": card.training["seconds"], **fd(x)})
         if nfe == PICTURE_NFE:
             pictures["learned card (UniPC)"] = x[:8]
         log(f"learned a UniPC card for NFE {nfe} in {card.training['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")

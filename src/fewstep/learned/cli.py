@@ -31,7 +31,8 @@ def _params(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in PARAMETER_FAMILIES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown parameter families {bad}; choose from {', '.join(PARAMETER_FAMILIES)}")
+        raise argparse.ArgumentTypeError(f"unknown parameter families {bad}; choose from "
+                                         f"{', '.join(PARAMETER_FAMILIES)}")
     return parts
 
 
@@ -126,7 +127,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--sigmas", action="store_true", help="with export: print only the σ list")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
     p.add_argument("--base", default="dpmpp", choices=BASES, help="base solver (default dpmpp)")
-    p.add_argument("--base-opt", action="append", default=[], metavar="K=V", help="base solver option, e.g. max_order=2")
+    p.add_argument("--base-opt", action="append", default=[], metavar="K=V",
+                   help="base solver option, e.g. max_order=2")
     p.add_argument("--nfe", type=int, default=5, help="model calls per sample (default 5)")
     p.add_argument("--afs", action="store_true", help="analytical first step (one call fewer per interval count)")
     p.add_argument("--params", type=_params, default=("steps", "offsets", "coeffs"),

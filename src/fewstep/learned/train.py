@@ -84,7 +84,8 @@ class LearnConfig:
             raise bad("--params", f"must name at least one family of {', '.join(PARAMETER_FAMILIES)}")
         unknown = set(self.params) - set(PARAMETER_FAMILIES)
         if unknown:
-            raise bad("--params", f"has unknown families {sorted(unknown)}; choose from {', '.join(PARAMETER_FAMILIES)}")
+            raise bad("--params", f"has unknown families {sorted(unknown)}; choose from "
+                                  f"{', '.join(PARAMETER_FAMILIES)}")
         if self.loss not in LOSSES:
             raise bad("--loss", f"must be one of {', '.join(LOSSES)}")
         for name, v, low in (("--pairs", self.pairs, 1), ("--val-pairs", self.val_pairs, 1), ("--iters", self.iters, 0),
@@ -331,7 +332,8 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
                     norm = delta.reshape(cfg.pairs, -1).norm(dim=1).clamp(min=1e-12)
                     scale = (cfg.soft_radius * math.sqrt(dim) / norm).clamp(max=1.0)
                     delta.mul_(scale.reshape(-1, *([1] * len(model.shape))))
-            history["train"].append(distributed.sum_scalar(float(sample_error(x.detach(), targets[mine]).mean()) * share))
+            train_rmse = float(sample_error(x.detach(), targets[mine]).mean())
+            history["train"].append(distributed.sum_scalar(train_rmse * share))
             completed = it + 1
             if completed % 25 == 0 or completed == cfg.iters:
                 checkpoint()
@@ -351,9 +353,10 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),
         afs_shift=as_list(t["afs_shift"]),
         params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
-        training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"], "val_rmse_initial": initial_val,
-                  "best_iteration": best["iteration"], "seconds": time.perf_counter() - began,
-                  "teacher_seconds": teacher_seconds, "val_curve": history["val"]}),
+        training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"],
+                         "val_rmse_initial": initial_val, "best_iteration": best["iteration"],
+                         "seconds": time.perf_counter() - began, "teacher_seconds": teacher_seconds,
+                         "val_curve": history["val"]}),
     )
     if out is not None and rank == 0:
         save_card(out, card)

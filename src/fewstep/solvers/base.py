@@ -11,7 +11,6 @@ Node σ's are float64 tensors of shape [1] or [B] (per-sample times, as AMED's l
 from __future__ import annotations
 
 import math
-import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from functools import cached_property
