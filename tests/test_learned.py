@@ -234,3 +234,10 @@ def test_card_refuses_a_foreign_grid():
     other = get_schedule("polynomial", len(solver.grid), GMM.sigma_min, GMM.sigma_max)
     with pytest.raises(fewstep.SolverError, match="own"):
         fewstep.sample(GMM.denoiser, seeded_noise(range(2), GMM.shape), solver, other)
+
+
+def test_learn_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["learn", "--model", "gmm", "--out", str(target), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -13,7 +14,8 @@ from rich.markup import escape
 
 from ..device import DEVICE_HELP, to_device
 from ..errors import FewstepError
-from .card import PARAMETER_FAMILIES, load_card
+from ..io import check_output_dir
+from .card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
 from .solver import BASES
 
 
@@ -58,6 +60,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         raise FewstepError("learn: the only sub-action is `fewstep learn export DIR --sigmas`")
     if not args.out:
         raise FewstepError("learn: --out DIR is required (the card folder)")
+    check_output_dir(args.out, "--out")
     from ..models import load_model
     from .train import LearnConfig, learn
 
@@ -82,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.sigmas:
         print(json.dumps(card.sigmas))
     else:
-        print(json.dumps({"format": 1, **card.__dict__}, indent=2))
+        print(json.dumps({"format": FORMAT_VERSION, **asdict(card)}, indent=2))
     return 0
 
 
@@ -90,6 +93,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..models import load_model
     from .tune import tune
 
+    check_output_dir(args.out, "--out")
     model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
     console = _console()
     base_config = None
