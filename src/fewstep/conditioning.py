@@ -45,12 +45,13 @@ def _sigma_rows(sigma: torch.Tensor | float, b: int, like: torch.Tensor) -> torc
     return s.expand(b) if s.numel() == 1 else s
 
 
-def _rows(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+def batch_rows(t: torch.Tensor, b: int, what: str, error: type[Exception] = ConditionError) -> torch.Tensor:
+    """`t` with b rows: as it is, or its single row broadcast; another row count raises `error` naming `what`."""
     if t.shape[0] == b:
         return t
     if t.shape[0] == 1:
         return t.expand(b, *t.shape[1:])
-    raise ConditionError(f"{what} has {t.shape[0]} rows for a batch of {b} samples")
+    raise error(f"{what} has {t.shape[0]} rows for a batch of {b} samples (expected 1 or {b})")
 
 
 class ClassifierFreeGuidance:
@@ -65,10 +66,10 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        cond = _rows(self.cond, b, "the conditions")
+        cond = batch_rows(self.cond, b, "the conditions")
         if self.guidance == 1.0:
             return self.denoiser(x, sigma, cond)
-        null = _rows(self.null, b, "the null condition")
+        null = batch_rows(self.null, b, "the null condition")
         if self.guidance == 0.0:
             return self.denoiser(x, sigma, null)
         s = _sigma_rows(sigma, b, x)
@@ -99,7 +100,7 @@ class ClassifierGuidance:
             return d
         b = x.shape[0]
         s = _sigma_rows(sigma, b, x).to(torch.float32)
-        labels = _rows(self.cond, b, "the conditions").to(device=x.device, dtype=torch.long).reshape(b, 1)
+        labels = batch_rows(self.cond, b, "the conditions").to(device=x.device, dtype=torch.long).reshape(b, 1)
         with torch.enable_grad():
             xg = x.detach().to(torch.float32).requires_grad_(True)
             logp = self.classifier(xg, s).log_softmax(-1).gather(1, labels).sum()

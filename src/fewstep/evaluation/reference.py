@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,24 @@ def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
     return f"ref-{name}-s{seeds[0]}-n{len(seeds)}-{seed_hash}-{REFERENCE_SOLVER}{num_steps}"
 
 
+def cached_tensor(path: Path, compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
+    """The tensor cached at `path` (a safetensors file under `cache_dir()`), else `compute()`, written atomically
+    (when `write`: under torchrun only rank 0 writes). An unreadable cache file is recomputed, not trusted."""
+    if path.exists():
+        try:
+            return load_file(path)["x"]
+        except Exception as e:  # a corrupt or foreign file: recompute rather than trust it
+            warnings.warn(f"ignoring unreadable cache file {path}: {e}", stacklevel=3)
+    x = compute().contiguous()
+    if write:
+        try:
+            atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
+        except OSError as e:
+            raise FewstepError(f"cannot write the cache {path.parent} ({e.strerror or e}); set $FEWSTEP_CACHE to a "
+                               "writable folder") from e
+    return x
+
+
 def reference_solution(
     model: ModelInfo, seeds: list[int], num_steps: int | None = None, batch: int = 1024, progress: bool = False
 ) -> torch.Tensor:
@@ -44,26 +63,18 @@ def reference_solution(
     Default steps: 1000 for exact (analytic) models, 500 for networks."""
     if num_steps is None:
         num_steps = REFERENCE_STEPS if model.exact else NETWORK_REFERENCE_STEPS
-    path = cache_dir() / f"{_key(model, seeds, num_steps)}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)["x"]
-        except Exception as e:  # a corrupt or foreign file: recompute rather than trust it
-            warnings.warn(f"ignoring unreadable reference cache {path}: {e}", stacklevel=2)
     sched = get_schedule("polynomial", num_steps, model.sigma_min, model.sigma_max, rho=7.0)
     if model.condition_key:  # conditions are bound for exactly these seeds (conditioning.conditioned_model)
         batch = len(seeds)
-    parts = []
-    for i in range(0, len(seeds), batch):
-        noise = seeded_noise(seeds[i : i + batch], model.shape, device=model.device)
-        parts.append(sample(model.denoiser, noise, REFERENCE_SOLVER, sched, progress=progress).cpu())
-    x = torch.cat(parts).contiguous()
-    try:
-        atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
-    except OSError as e:
-        raise FewstepError(f"cannot write the reference cache {path.parent} ({e.strerror or e}); set "
-                           "$FEWSTEP_CACHE to a writable folder") from e
-    return x
+
+    def solve() -> torch.Tensor:
+        parts = []
+        for i in range(0, len(seeds), batch):
+            noise = seeded_noise(seeds[i : i + batch], model.shape, device=model.device)
+            parts.append(sample(model.denoiser, noise, REFERENCE_SOLVER, sched, progress=progress).cpu())
+        return torch.cat(parts)
+
+    return cached_tensor(cache_dir() / f"{_key(model, seeds, num_steps)}.safetensors", solve)
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:

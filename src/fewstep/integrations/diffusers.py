@@ -69,6 +69,7 @@ try:
 except ImportError as e:  # pragma: no cover - the optional extra is missing
     raise ImportError("fewstep.integrations.diffusers needs diffusers: pip install 'fewstep[diffusers]'") from e
 
+from ..conditioning import batch_rows
 from ..errors import ModelError
 from ..models.registry import ModelInfo
 from .diffusers_scheduler import FewstepScheduler
@@ -83,14 +84,6 @@ class BottleneckTap(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h
-
-
-def _rows(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
-    if t.shape[0] == b:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(b, *t.shape[1:])
-    raise ModelError(f"{what} has batch {t.shape[0]}, expected 1 or {b}")
 
 
 class DiffusersDenoiser:
@@ -161,9 +154,9 @@ class DiffusersDenoiser:
         kwargs = dict(self.unet_kwargs)
         guided = self.guided and cond is None
         if cond is not None or self.cond is not None:
-            cond = _rows(self.cond if cond is None else cond, b, "encoder_hidden_states")
+            cond = batch_rows(self.cond if cond is None else cond, b, "encoder_hidden_states", ModelError)
             if guided:
-                cond = torch.cat([_rows(self.uncond, b, "negative_encoder_hidden_states"), cond])
+                cond = torch.cat([batch_rows(self.uncond, b, "negative_encoder_hidden_states", ModelError), cond])
             kwargs["encoder_hidden_states"] = cond.to(self.dtype)
         if guided:
             x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -36,7 +35,7 @@ from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
-from ..solvers import SOLVERS, Evaluator, integrate, sample
+from ..solvers import SOLVERS, Evaluator, get_solver, integrate, sample
 from ..solvers.base import Denoiser
 from .card import PARAMETER_FAMILIES, Card, save_card
 from .solver import BASES, LearnedSolver
@@ -76,6 +75,9 @@ class LearnConfig:
 
         if self.base not in BASES:
             raise bad("--base", f"must be one of {', '.join(BASES)}, not {self.base!r}")
+        get_solver(self.base, **self.base_options)  # unknown or out-of-range options: an error now, not later
+        if self.teacher != "auto":
+            get_solver(self.teacher, **self.teacher_options)
         if not (isinstance(self.nfe, int) and 1 <= self.nfe <= 50):
             raise bad("--nfe", f"must be an integer in 1…50, got {self.nfe!r}")
         if self.num_intervals < 1:
@@ -182,31 +184,27 @@ def teacher_pairs(model: ModelInfo, seeds: list[int], cfg: LearnConfig, bind: Ca
     """x_teacher for each seed (float64, cached on disk by model, seeds, teacher and conditions); the expensive
     part on a network, computed once and shared by every card of that model. Under torchrun the seeds are
     sharded across ranks and gathered."""
-    from ..evaluation.reference import cache_dir
+    from ..evaluation.reference import cache_dir, cached_tensor
 
     teacher, options, steps = teacher_setup(model, cfg)
     ident = repr((model.name, model.fingerprint, seeds, teacher, sorted(options.items()), steps, cfg.conditions))
-    path = cache_dir() / f"pairs-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)["x"]
-        except Exception:  # unreadable cache: recompute
-            pass
     rank, world = distributed.world()
-    sched = get_schedule("polynomial", steps, model.sigma_min, model.sigma_max, rho=7.0)
-    mine = seeds[rank::world]
-    parts = []
-    for i in tqdm(range(0, len(mine), batch), desc="teacher pairs", disable=not progress or rank > 0, leave=False):
-        chunk = mine[i : i + batch]
-        with torch.no_grad():
-            parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape, device=_device(model)), teacher, sched,
-                                **options).to(device="cpu", dtype=torch.float64))
-    x = torch.cat(parts) if parts else torch.zeros(0, *model.shape, dtype=torch.float64)
-    if world > 1:
-        x = distributed.gather_shards(x, len(seeds))
-    if rank == 0:
-        atomic_write(path, lambda tmp: save_file({"x": x.contiguous()}, tmp))
-    return x
+
+    def solve() -> torch.Tensor:
+        sched = get_schedule("polynomial", steps, model.sigma_min, model.sigma_max, rho=7.0)
+        mine = seeds[rank::world]
+        parts = [torch.zeros(0, *model.shape, dtype=torch.float64)]
+        for i in tqdm(range(0, len(mine), batch), desc="teacher pairs", disable=not progress or rank > 0,
+                      leave=False):
+            chunk = mine[i : i + batch]
+            with torch.no_grad():
+                parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape, device=_device(model)), teacher,
+                                    sched, **options).to(device="cpu", dtype=torch.float64))
+        x = torch.cat(parts)
+        return distributed.gather_shards(x, len(seeds)) if world > 1 else x
+
+    path = cache_dir() / f"pairs-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
+    return cached_tensor(path, solve, write=rank == 0)
 
 
 def rollout(params: CardParameters, cfg: LearnConfig, denoiser: Denoiser, noise: torch.Tensor,
@@ -255,11 +253,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
                 "sigma_min": model.sigma_min, "sigma_max": model.sigma_max}
 
     def validation() -> float:
-        with torch.no_grad():
-            errs = [sample_error(rollout(params, cfg, bind(val_seeds[i : i + 256]),
-                                         seeded_noise(val_seeds[i : i + 256], model.shape, device=device), dtype),
-                                 val_targets[i : i + 256]) for i in range(0, len(val_seeds), 256)]
-        return float(torch.cat(errs).mean())
+        return _mean_error(params, cfg, model, bind, val_seeds, val_targets, dtype)
 
     state_path = Path(out) / "learn_state.pt" if out is not None else None
     start, history = 0, {"train": [], "val": []}
@@ -389,6 +383,7 @@ def _snapshot(params: CardParameters) -> dict[str, torch.Tensor]:
 
 def _mean_error(params: CardParameters, cfg: LearnConfig, model: ModelInfo, bind: Callable[[list[int]], Denoiser],
                 seeds: list[int], targets: torch.Tensor, dtype: torch.dtype) -> float:
+    """The card's mean per-sample RMSE to `targets` over `seeds` (no gradients; chunks of 256)."""
     with torch.no_grad():
         errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + 256]),
                                      seeded_noise(seeds[i : i + 256], model.shape, device=_device(model)), dtype),

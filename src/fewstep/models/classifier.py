@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,35 +201,43 @@ def train_classifier(resolution: int = 16, epochs: int = 120, batch: int = 64, l
     return net, info
 
 
-def save_classifier(path: str | os.PathLike, net: DigitClassifier) -> Path:
+def save_weights(path: str | os.PathLike, net: nn.Module, fmt: str) -> Path:
+    """Write a small network's weights atomically as safetensors, with its format name and `net.resolution`."""
     from safetensors.torch import save_file
 
     from ..io import atomic_write
 
     tensors = {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
-    meta = {"format": "fewstep-digit-classifier-v1", "resolution": str(net.resolution)}
+    meta = {"format": fmt, "resolution": str(net.resolution)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
-    """The shipped digit classifier (or the one at `path`), in eval mode with frozen parameters."""
+def load_weights(path: Path, build: Callable[[int], nn.Module], what: str, hint: str) -> nn.Module:
+    """A network `build(resolution)` with the weights at `path`, in eval mode with frozen parameters; a missing
+    file (the message ends with `hint`) or weights that do not fit give a ModelError naming `what`."""
     from safetensors import safe_open
 
-    path = Path(path) if path is not None else CLASSIFIER_WEIGHTS
     if not path.is_file():
-        raise ModelError(f"digit classifier weights not found: {path} (reinstall fewstep, or run "
-                         f"`python -m fewstep.models.classifier --out FILE`)")
+        raise ModelError(f"{what} weights not found: {path} ({hint})")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        net = DigitClassifier(int(meta.get("resolution", 16)))
+        net = build(int(meta.get("resolution", 16)))
         net.load_state_dict(state, strict=True)
     except Exception as e:
-        raise ModelError(f"digit classifier weights are corrupt or do not match the architecture: {path} ({e})") from e
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
+        raise ModelError(f"{what} weights are corrupt or do not match the architecture: {path} ({e})") from e
+    return net.eval().requires_grad_(False)
+
+
+def save_classifier(path: str | os.PathLike, net: DigitClassifier) -> Path:
+    return save_weights(path, net, "fewstep-digit-classifier-v1")
+
+
+def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
+    """The shipped digit classifier (or the one at `path`), in eval mode with frozen parameters."""
+    return load_weights(Path(path) if path is not None else CLASSIFIER_WEIGHTS, DigitClassifier, "digit classifier",
+                        "reinstall fewstep, or run `python -m fewstep.models.classifier --out FILE`")
 
 
 def main(argv: list[str] | None = None) -> int:

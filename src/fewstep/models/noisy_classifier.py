@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
+from .classifier import load_weights, save_weights
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 NOISY_CLASSIFIER_WEIGHTS = DATA_DIR / "digits_noisy_classifier.safetensors"
@@ -99,32 +99,13 @@ def train_noisy_classifier(iters: int = 1500, batch: int = 128, lr: float = 2e-3
 
 
 def save_noisy_classifier(path: str | os.PathLike, net: NoisyDigitClassifier) -> Path:
-    from safetensors.torch import save_file
-
-    from ..io import atomic_write
-
-    tensors = {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
-    meta = {"format": "fewstep-noisy-digit-classifier-v1", "resolution": str(net.resolution)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return save_weights(path, net, "fewstep-noisy-digit-classifier-v1")
 
 
 def load_noisy_classifier(path: str | os.PathLike | None = None) -> NoisyDigitClassifier:
     """The shipped noise-aware classifier (or the one at `path`), eval mode, frozen parameters."""
-    from safetensors import safe_open
-
-    path = Path(path) if path is not None else NOISY_CLASSIFIER_WEIGHTS
-    if not path.is_file():
-        raise ModelError(f"noise-aware classifier weights not found: {path} "
-                         "(python -m fewstep.models.noisy_classifier)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        net = NoisyDigitClassifier(int(meta.get("resolution", 16)))
-        net.load_state_dict(state, strict=True)
-    except Exception as e:
-        raise ModelError(f"noise-aware classifier weights are corrupt or do not match: {path} ({e})") from e
-    return net.eval().requires_grad_(False)
+    return load_weights(Path(path) if path is not None else NOISY_CLASSIFIER_WEIGHTS, NoisyDigitClassifier,
+                        "noise-aware classifier", "python -m fewstep.models.noisy_classifier")
 
 
 def main(argv: list[str] | None = None) -> int:
