@@ -175,6 +175,7 @@ def test_learn_cli_bench_and_export(tmp_path, capsys):
     (["--nfe", "0"], "--nfe"), (["--lr", "nan"], "--lr"), (["--batch", "0"], "--batch"),
     (["--params", "steps,bogus"], "--params"), (["--init-schedule", "logsnr:abc"], "--init-schedule"),
     (["--base", "heun"], "--base"), (["--params", "steps,mean"], "mean"),
+    (["--teacher", "bogus"], "bogus"), (["--base-opt", "max_order=9"], "max_order"),
 ])
 def test_learn_cli_rejects_bad_input(tmp_path, capsys, args, name):
     try:
@@ -204,6 +205,8 @@ def test_sample_cli_with_a_card_writes_a_manifest_and_resumes(tmp_path):
     assert manifest["solver"] == "learned" and manifest["nfe"] == 4 and "fingerprint" in manifest["card"]
     assert main([*args, "--out", str(out)]) == 0  # same card: resumes
     assert main([*args, "--nfe", "3", "--out", str(tmp_path / "o2")]) == 2  # the card is NFE 4
+    assert main(["sample", "--model", "gmm", "--solver", "learned:", "--out", str(tmp_path / "o3")]) == 2
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def test_learned_afs_shift_moves_the_first_node_only():

@@ -107,6 +107,8 @@ def check_job(job: SampleJob, model: ModelInfo) -> None:
     if job.nfe is not None and job.num_steps is not None:
         raise FewstepError("give --nfe or --num-steps, not both")
     if job.solver.startswith("learned:"):
+        if not job.solver[len("learned:"):].strip():
+            raise FewstepError("--solver learned:DIR: give the card folder after 'learned:'")
         if job.predictor is not None or job.options or job.schedule or job.rho is not None or job.num_steps:
             raise FewstepError("--solver learned:DIR brings its own grid, options and AFS: drop --predictor, --opt, "
                                "--schedule, --rho and --num-steps")

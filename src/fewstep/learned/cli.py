@@ -15,6 +15,7 @@ from rich.markup import escape
 from ..device import DEVICE_HELP, to_device
 from ..errors import FewstepError
 from ..io import check_output_dir
+from ..validate import int_list, positive_float, positive_int
 from .card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
 from .solver import BASES
 
@@ -106,16 +107,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_commands(sub: Any) -> None:
     from ..models import BUILTIN_MODELS, DEFAULT_MODEL
 
@@ -167,11 +158,14 @@ def add_commands(sub: Any) -> None:
                                    "validation pairs, then card families on the strongest bases, initialised from "
                                    "the best classic grid; writes the cards, table.md/json and a plot.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
-    p.add_argument("--nfe", type=_int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
-    p.add_argument("--budget", type=float, default=600.0, help="seconds of training per NFE (default 600)")
-    p.add_argument("--n", type=int, default=None, help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
-    p.add_argument("--pairs", type=int, default=None, help="training pairs (default 2048 analytic / 1024 network)")
-    p.add_argument("--iters", type=int, default=None, help="iterations per card (default 400 analytic / 250 network)")
+    p.add_argument("--nfe", type=int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
+    p.add_argument("--budget", type=positive_float, default=600.0, help="seconds of training per NFE (default 600)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
+    p.add_argument("--pairs", type=positive_int, default=None,
+                   help="training pairs (default 2048 analytic / 1024 network)")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help="iterations per card (default 400 analytic / 250 network)")
     _condition_args(p)
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
