@@ -155,10 +155,7 @@ def test_report_files(tmp_path):
 
 
 def test_cli_analyze_subprocess(tmp_path):
-    from fewstep.cli import COMMAND_MODULES
-
-    prefix = ["-m", "fewstep"] if "fewstep.evaluation.commands" in COMMAND_MODULES else \
-        ["-m", "fewstep.evaluation.commands"]
+    prefix = ["-m", "fewstep"]
     out = tmp_path / "an"
     p = subprocess.run([sys.executable, *prefix, "analyze", "--model", "gmm", "--solver", "heun", "--num-steps", "9",
                         "--n", "5", "--batch", "2", "--out", str(out), "--no-progress", "--json"],
@@ -171,7 +168,7 @@ def test_cli_analyze_subprocess(tmp_path):
 
 
 def test_cli_analyze_bad_input_exits_2(tmp_path, capsys):
-    from fewstep.evaluation.commands import main
+    from fewstep.cli import main
 
     assert main(["analyze", "--model", "gmm", "--n", "0", "--out", str(tmp_path)]) == 2
     assert "--n must be" in capsys.readouterr().err

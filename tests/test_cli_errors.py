@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fewstep.cli import build_parser, main, model_arg
+from fewstep.cli import build_parser, main
+from fewstep.cli.common import model_arg
 from fewstep.errors import FewstepError
 from fewstep.evaluation.bench import SolverSpec, parse_options
 from fewstep.noise import parse_seeds

@@ -278,7 +278,7 @@ def test_digits_features_real_vs_noise_and_png_roundtrip(tmp_path):
     fd_real, fd_noise = frechet_distance(held, ref), frechet_distance(noise, ref)
     assert fd_real * 10 < fd_noise
     # saved PNGs (nearest-upscaled ×4 from 8×8, as `fewstep sample` writes them) score like the tensor
-    from fewstep.models.registry import digits_data
+    from fewstep.models.digits import digits_data
 
     x = digits_data()[:40].float()
     for i, img in enumerate(to_uint8(x)):
@@ -395,11 +395,7 @@ def test_unknown_feature_network():
 
 
 def _cli(*args: str) -> list[str]:
-    from fewstep.cli import COMMAND_MODULES
-
-    if "fewstep.evaluation.commands" in COMMAND_MODULES:
-        return [sys.executable, "-m", "fewstep", *args]
-    return [sys.executable, "-m", "fewstep.evaluation.commands", *args]
+    return [sys.executable, "-m", "fewstep", *args]
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -420,7 +416,7 @@ def test_cli_fid_inception_without_weights_says_where_it_looked(tmp_path):
 
 def test_cli_fid_ref_and_calc_with_digits(tmp_path):
     _digits_network()
-    from fewstep.evaluation.commands import main
+    from fewstep.cli import main
 
     assert main(["fid", "ref", "--images", "digits-train", "--dest", str(tmp_path / "ref.npz"), "--device", "cpu",
                  "--no-progress"]) == 0
@@ -439,7 +435,7 @@ def test_bench_fd_metric_table_and_plot(tmp_path):
     from fewstep.evaluation.bench import table_rows
     from fewstep.evaluation.fid import bench_fd_metric, reference_stats
     from fewstep.evaluation.plots import plot_error_vs_nfe
-    from fewstep.models.registry import digits_data
+    from fewstep.models.digits import digits_data
 
     try:
         reference_stats("digits")
@@ -455,6 +451,19 @@ def test_bench_fd_metric_table_and_plot(tmp_path):
     assert header[2:] == ["NFE 4", "NFE 8"] and rows[1][2].endswith("*")
     plot_error_vs_nfe(records, tmp_path / "p.png", title="t", metric=["rmse", "fd_digits"])
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_record_rows_keep_their_json_keys():
+    """A Record's JSON row holds the fields that were set, extra metrics last (the table.json format)."""
+    from fewstep.evaluation.bench import Record
+
+    classic = Record("euler", 5, 6, "polynomial(rho=7)", False, 0.1, seconds=1.5, metrics={"fd_digits": 2.0})
+    assert classic.to_json() == {"solver": "euler", "nfe": 5, "num_steps": 6, "schedule": "polynomial(rho=7)",
+                                 "afs": False, "rmse": 0.1, "seconds": 1.5, "fd_digits": 2.0}
+    card = Record("learned card (UniPC)", 3, 5, "learned", True, 0.2, train_seconds=4.0, learned=True)
+    assert card.to_json() == {"solver": "learned card (UniPC)", "nfe": 3, "num_steps": 5, "schedule": "learned",
+                              "afs": True, "rmse": 0.2, "train_seconds": 4.0, "learned": True}
+    assert Record("AMED-Solver", 5, 4, "time_uniform(rho=1)", True, 0.3, predictor="p").to_json()["predictor"] == "p"
 
 
 def test_bench_extra_metrics_and_plot_without_a_feature_network(tmp_path):

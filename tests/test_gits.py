@@ -229,7 +229,7 @@ def test_bench_schedule_grid(tmp_path, monkeypatch, schedule_file, search):
 
 
 def test_cli_writes_a_usable_schedule(tmp_path, capsys):
-    from fewstep import gits_cli
+    from fewstep.cli import gits as gits_cli
 
     parser = argparse.ArgumentParser()
     gits_cli.add_commands(parser.add_subparsers())

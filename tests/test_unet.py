@@ -149,7 +149,8 @@ def _assert_same(a, b) -> None:
 
 
 def test_tiny_training_resumes_identically(tmp_path) -> None:
-    from fewstep.models.train_unet import UNetTrainConfig, add_commands, train_unet
+    from fewstep.cli.train_models import add_commands
+    from fewstep.models.train_unet import UNetTrainConfig, train_unet
 
     cfg = UNetTrainConfig(iters=3, batch=8, warmup=2, ckpt_every=1, arch=dict(TINY))
     info = train_unet(tmp_path / "a", cfg, progress=False)
@@ -175,8 +176,24 @@ def test_tiny_training_resumes_identically(tmp_path) -> None:
     assert c["it"] == 3 and (tmp_path / "c" / "digits_unet.safetensors").exists()
 
 
+def test_classifier_training_commands_write_loadable_weights(tmp_path, capsys) -> None:
+    """`fewstep train-classifier` / `train-noisy-classifier` (a token run): weights that load, a .json card."""
+    import json
+
+    from fewstep.cli import main
+    from fewstep.models.noisy_classifier import load_noisy_classifier
+
+    assert main(["train-classifier", "--epochs", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert main(["train-noisy-classifier", "--iters", "2", "--out", str(tmp_path / "n.safetensors")]) == 0
+    load_classifier(tmp_path / "c.safetensors")
+    load_noisy_classifier(tmp_path / "n.safetensors")
+    assert json.loads((tmp_path / "n.json").read_text())["iterations"] == 2
+    assert json.loads((tmp_path / "c.json").read_text())["training"]["epochs"] == 1
+    assert '"iterations": 2' in capsys.readouterr().out
+
+
 def test_shipped_classifier_accuracy() -> None:
-    from fewstep.models.train_unet import digits_split
+    from fewstep.models.digits import digits_split
 
     clf = load_classifier()
     data = digits_split(clf.resolution)

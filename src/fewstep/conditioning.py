@@ -21,7 +21,6 @@ uniformly from a generator seeded by a hash of s (never the noise generator of s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -302,29 +301,6 @@ def check_conditions(recorded: dict[str, Any] | None, used: ConditionSpec, what:
                       UserWarning, stacklevel=2)
     if set(rec.values) != set(used.values):
         warnings.warn(f"{what} was trained on {rec.describe()}, used on {used.describe()}", UserWarning, stacklevel=2)
-
-
-def add_condition_args(p: argparse.ArgumentParser, sampling: bool = False) -> None:
-    """--classes/--prompts/--guidance/--classifier-guidance (and --class with `sampling`) on a sub-command."""
-    rule = ("seed s gets classes[s mod len]" if sampling else
-            "each seed draws one uniformly (from a hash of the seed)")
-    if sampling:
-        p.add_argument("--class", dest="classes", metavar="K", help="class of every sample (conditional models)")
-    p.add_argument("--classes", dest="classes", metavar="LIST",
-                   help=f"classes of a conditional model, e.g. 0-9 or 1,3,5-7: {rule}; default: uniform over all")
-    p.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (diffusers pipelines; encoded once; "
-                   + ("seed s gets prompt s mod P)" if sampling else "each seed draws one uniformly)"))
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale w (default 1 = conditional model, no guidance"
-                        + ("; with --predictor: its recorded scale)" if sampling else ")"))
-    p.add_argument("--classifier-guidance", type=float, default=0.0, metavar="W",
-                   help="classifier guidance scale with the model's noise-aware classifier (default 0 = off)")
-
-
-def from_args(model: ModelInfo, args: argparse.Namespace, sampling: bool = False) -> tuple[ModelInfo, ConditionSpec]:
-    """`resolve` with the options of `add_condition_args` (cycle rule when sampling, uniform otherwise)."""
-    return resolve(model, args.classes, args.prompts, args.guidance, args.classifier_guidance,
-                   draw="cycle" if sampling else "uniform")
 
 
 def check_artifacts(paths: Sequence[str | Path], used: ConditionSpec) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .amed.checkpoint import sample_checkpoint
 from .amed.recipes import recipe
 from .amed.train import train
-from .evaluation.bench import DEFAULT_SOLVERS, SolverSpec, markdown_table, table_rows
+from .evaluation.bench import DEFAULT_SOLVERS, Record, SolverSpec, markdown_table, table_rows
 from .evaluation.plots import plot_error_vs_nfe
 from .evaluation.reference import reference_solution, rmse
 from .io import atomic_write, write_json, write_text
@@ -59,8 +59,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         sched = get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho)
         x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
         label = spec.label + (" +AFS" if afs else "")
-        records.append({"solver": label, "schedule": spec.schedule_label, "nfe": nfe, "num_steps": steps,
-                        "afs": afs, "rmse": rmse(x, ref), **fd(x)})
+        records.append(Record(label, nfe, steps, spec.schedule_label, afs, rmse(x, ref), metrics=fd(x)).to_json())
         if nfe == PICTURE_NFE:
             pictures[label] = x[:8].cpu()
     for label, name in AMED_RECIPES.items():
@@ -69,9 +68,8 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
             predictor, settings, stats = train(model, cfg, out=out / "predictors" / f"{name}-nfe{nfe}",
                                                progress=progress)
             x = sample_checkpoint(model, noise, predictor, settings)
-            records.append({"solver": label, "schedule": settings.schedule + f"(rho={settings.rho:g})",
-                            "nfe": nfe, "num_steps": settings.num_steps, "afs": settings.afs, "rmse": rmse(x, ref),
-                            "train_seconds": stats["seconds"], **fd(x)})
+            records.append(Record(label, nfe, settings.num_steps, settings.schedule_label, settings.afs, rmse(x, ref),
+                                  train_seconds=stats["seconds"], metrics=fd(x)).to_json())
             if nfe == PICTURE_NFE:
                 pictures[label] = x[:8].cpu()
             log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
@@ -82,9 +80,8 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         card = learn(model, cfg, out / "cards" / f"nfe{nfe}", progress=progress,
                      time_limit=90.0 if not model.exact else None)
         x = sample(model.denoiser, noise, card.solver())
-        records.append({"solver": "learned card (UniPC)", "schedule": "learned", "nfe": nfe,
-                        "num_steps": card.num_steps, "afs": True, "learned": True, "rmse": rmse(x, ref),
-                        "train_seconds": card.training["seconds"], **fd(x)})
+        records.append(Record("learned card (UniPC)", nfe, card.num_steps, "learned", True, rmse(x, ref),
+                              train_seconds=card.training["seconds"], learned=True, metrics=fd(x)).to_json())
         if nfe == PICTURE_NFE:
             pictures["learned card (UniPC)"] = x[:8]
         log(f"learned a UniPC card for NFE {nfe} in {card.training['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")

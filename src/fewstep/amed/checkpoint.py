@@ -69,6 +69,11 @@ class SamplingSettings:
         opts = ",".join(f"{k}={v}" for k, v in self.student_options.items())
         return f"AMED-Plugin[{self.student}{'(' + opts + ')' if opts else ''}]"
 
+    @property
+    def schedule_label(self) -> str:
+        """The schedule as bench and demo tables show it, e.g. "time_uniform(rho=1)"."""
+        return self.schedule + (f"(rho={self.rho:g})" if self.rho is not None else "")
+
     def schedule_tensor(self) -> torch.Tensor:
         if self.sigmas is not None:
             return get_schedule("custom", self.num_steps, sigmas=self.sigmas)

@@ -64,6 +64,37 @@ class SolverSpec:
         return self.schedule + (f"(rho={self.rho:g})" if self.rho is not None else "")
 
 
+@dataclass(frozen=True)
+class Record:
+    """One row of a bench or demo table: a method at one NFE, its RMSE to the reference and how it ran.
+
+    `to_json()` is the row as `run_bench` and `run_demo` return it and as table.json / `bench --json` store it
+    (the dict `table_rows`, `best_per_nfe` and the plots read); optional fields appear only when set.
+    `run_best_classic` marks its best rows with `"best_classic": true` and `bench --json` adds `"conditions"`.
+    """
+
+    solver: str  # the table label (options, and " +AFS" in the demo)
+    nfe: int
+    num_steps: int
+    schedule: str  # the schedule label, e.g. "polynomial(rho=7)", or "learned" for a card
+    afs: bool
+    rmse: float
+    seconds: float | None = None  # sampling wall time (bench)
+    train_seconds: float | None = None  # training wall time of a predictor or card (demo)
+    predictor: str | None = None  # the AMED checkpoint folder (bench --predictor)
+    learned: bool = False  # a learned solver card
+    card: str | None = None  # the card folder (bench --learned)
+    metrics: dict[str, Any] = field(default_factory=dict)  # extra columns, e.g. fd_digits
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"solver": self.solver, "nfe": self.nfe, "num_steps": self.num_steps,
+                               "schedule": self.schedule, "afs": self.afs, "rmse": self.rmse}
+        optional = {"seconds": self.seconds, "train_seconds": self.train_seconds, "predictor": self.predictor,
+                    "learned": self.learned or None, "card": self.card}
+        row.update((k, v) for k, v in optional.items() if v is not None)
+        return {**row, **self.metrics}
+
+
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     """['max_order=3', 'predict-x0=false'] → {'max_order': 3, 'predict_x0': False} (numbers and booleans parsed)."""
     out: dict[str, Any] = {}
@@ -101,7 +132,7 @@ def run_bench(
     """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), of
     each AMED predictor checkpoint and of each learned solver card at its own NFE — all from the same noise
     against the same reference. `extra_metrics(samples)` adds its columns to each record (e.g.
-    `fid.bench_fd_metric`: an FD score)."""
+    `fid.bench_fd_metric`: an FD score). Returns the records as `Record.to_json()` rows."""
     from ..amed.checkpoint import load_checkpoint, sample_checkpoint
     from ..learned import load_card
 
@@ -110,7 +141,8 @@ def run_bench(
     cards = [(str(p), load_card(p, model)) for p in learned]
     ref = reference_solution(model, seeds, progress=progress)
     noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
-    records = []
+    records: list[Record] = []
+    extra = extra_metrics or (lambda x: {})
     jobs = [(s, n) for s in specs for n in nfes]
     for spec, target in tqdm(jobs, desc="bench", disable=not progress, leave=False):
         steps = num_steps_for_nfe(spec.solver, target, afs=afs, **spec.options)
@@ -119,29 +151,20 @@ def run_bench(
         sched = bench_schedule(spec, steps, model, afs)
         start = time.perf_counter()
         x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
-        records.append({
-            "solver": spec.label, "nfe": target, "num_steps": steps, "schedule": spec.schedule_label,
-            "afs": afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start,
-            **(extra_metrics(x) if extra_metrics else {}),
-        })
+        records.append(Record(spec.label, target, steps, spec.schedule_label, afs, rmse(x, ref),
+                              seconds=time.perf_counter() - start, metrics=extra(x)))
     for path, predictor, settings in loaded:
         start = time.perf_counter()
         x = sample_checkpoint(model, noise, predictor, settings)
-        records.append({
-            "solver": settings.label, "nfe": settings.nfe, "num_steps": settings.num_steps,
-            "schedule": settings.schedule + (f"(rho={settings.rho:g})" if settings.rho is not None else ""),
-            "afs": settings.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "predictor": path,
-            **(extra_metrics(x) if extra_metrics else {}),
-        })
+        records.append(Record(settings.label, settings.nfe, settings.num_steps, settings.schedule_label,
+                              settings.afs, rmse(x, ref), seconds=time.perf_counter() - start, predictor=path,
+                              metrics=extra(x)))
     for path, card in cards:
         start = time.perf_counter()
         x = sample(model.denoiser, noise, card.solver())
-        records.append({
-            "solver": card.label, "nfe": card.nfe, "num_steps": card.num_steps, "schedule": "learned",
-            "afs": card.afs, "rmse": rmse(x, ref), "seconds": time.perf_counter() - start, "learned": True,
-            "card": path, **(extra_metrics(x) if extra_metrics else {}),
-        })
-    return records
+        records.append(Record(card.label, card.nfe, card.num_steps, "learned", card.afs, rmse(x, ref),
+                              seconds=time.perf_counter() - start, learned=True, card=path, metrics=extra(x)))
+    return [r.to_json() for r in records]
 
 
 # The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.

@@ -80,7 +80,7 @@ def make_reference_stats(dest: str | os.PathLike | None = None, features: str = 
     stats = compute_stats("digits-train", "digits", reservoir=DEFAULT_RESERVOIR)
     return stats.save(dest or DATA_DIR / REFERENCE_FILES[features],
                       source="digits-train: sklearn digits, 16x16 bilinear, fixed 80% training split of the "
-                             "digits U-Net (fewstep.models.train_unet.digits_split)")
+                             "digits U-Net (fewstep.models.digits.digits_split)")
 
 
 def compute_stats(source: ImageSource, features: str | FeatureNetwork = "digits", batch: int = 256,

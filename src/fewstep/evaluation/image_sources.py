@@ -21,7 +21,7 @@ ImageSource = str | os.PathLike | torch.Tensor | np.ndarray | Iterable[torch.Ten
 
 
 def _digits_split(part: str) -> torch.Tensor:
-    from ..models.train_unet import digits_split
+    from ..models.digits import digits_split
 
     return digits_split(16)[f"{part}_x"]
 

@@ -1,5 +1,11 @@
 """`FewstepScheduler`: any fewstep solver (and AMED-Plugin) as a diffusers scheduler, a thin consumer of fewstep's
-driver; the design is described in `fewstep.integrations.diffusers`, which re-exports it."""
+driver; the design is described in `fewstep.integrations.diffusers`, which re-exports it.
+
+Over 400 lines on purpose: it is one class, and its methods are diffusers' scheduler contract (config round-trip,
+`set_timesteps`, `scale_model_input`, `step`, `add_noise`) sharing one driver state and the AMED hooks on the
+pipeline's unet; split over modules, that state would be read and written from several files. The σ-space ↔
+VP conversions it shares with `DiffusersDenoiser` live in `vp_table.py`.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, timestep_to_s
 from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, nfe, run, solver_dtype
 from ..solvers.base import bcast
 from .vp_table import VPTable, _ddpm_from_config
+
 
 def _model_sigmas(req: ModelRequest) -> torch.Tensor:
     """The per-row σ a denoiser receives for this request (exactly what fewstep's Evaluator hands it)."""

@@ -2,15 +2,13 @@
 
 It is the project's own feature network for FID-style scores (`penultimate(x)`: 128 post-ReLU features) and the
 acceptance check of the `digits` U-Net (the fraction of samples it recognises with confidence ≥ 0.5). It never saw
-the images the diffusion model was trained on, and vice versa (fixed split, `train_unet.split_indices`).
+the images the diffusion model was trained on, and vice versa (fixed split, `digits.split_indices`).
 
 Inputs are images in [−1, 1], [B, 1, H, W]; other sizes than the classifier's resolution are resized bilinearly.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+from .digits import digits_split, random_shift
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CLASSIFIER_WEIGHTS = DATA_DIR / "digits_classifier.safetensors"
@@ -144,8 +143,6 @@ def train_classifier(resolution: int = 16, epochs: int = 120, batch: int = 64, l
     (`junk_images`) whose target is the uniform distribution, weighted by junk_weight, so that the confidence
     means something (without it a CNN is confident on noise). Reports accuracy on both splits (the diffusion
     model's split is unseen here) and the recognised fraction (confidence ≥ 0.5) of real digits and of junk."""
-    from .train_unet import digits_split, random_shift
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -237,24 +234,4 @@ def save_classifier(path: str | os.PathLike, net: DigitClassifier) -> Path:
 def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
     """The shipped digit classifier (or the one at `path`), in eval mode with frozen parameters."""
     return load_weights(Path(path) if path is not None else CLASSIFIER_WEIGHTS, DigitClassifier, "digit classifier",
-                        "reinstall fewstep, or run `python -m fewstep.models.classifier --out FILE`")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="train the shipped digit classifier on the held-out split")
-    p.add_argument("--out", default=str(CLASSIFIER_WEIGHTS), help="weights file (a .json card is written beside it)")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    net, info = train_classifier(epochs=args.epochs, seed=args.seed)
-    out = Path(args.out)
-    save_classifier(out, net)
-    from ..io import write_json
-
-    write_json(out.with_suffix(".json"), info)
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+                        "reinstall fewstep, or run `fewstep train-classifier --out FILE`")

@@ -3,16 +3,14 @@
 `clf(x, sigma)` → logits [B, 10] for noisy images x = x0 + σ·n at any σ in [0.002, 80]: the network sees
 c_in(σ)·x = x/√(σ² + σ_d²) (EDM input scaling, σ_d = 0.5) with c_noise = ln(σ)/4 as a second input channel;
 smooth activations (SiLU, average pooling) give smooth input gradients. Trained on the diffusion model's own
-training split (`train_unet.digits_split`) with ln σ uniform on [ln 0.002, ln 80] half the time and EDM's
+training split (`digits.digits_split`) with ln σ uniform on [ln 0.002, ln 80] half the time and EDM's
 N(−1.2, 1.2²) otherwise; the shipped recognition classifier (models/classifier.py) never saw those images.
 
-Reproduce: `python -m fewstep.models.noisy_classifier` (writes data/digits_noisy_classifier.safetensors + .json).
+Reproduce: `fewstep train-noisy-classifier` (writes data/digits_noisy_classifier.safetensors + .json).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import time
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import load_weights, save_weights
+from .digits import digits_split, random_shift
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 NOISY_CLASSIFIER_WEIGHTS = DATA_DIR / "digits_noisy_classifier.safetensors"
@@ -64,8 +63,6 @@ def train_noisy_classifier(iters: int = 1500, batch: int = 128, lr: float = 2e-3
                            threads: int = 1) -> tuple[NoisyDigitClassifier, dict[str, Any]]:
     """Train with cross-entropy on noisy training-split digits (random ±1-pixel shifts); report accuracy on the
     held-out split at a few σ."""
-    from .train_unet import digits_split, random_shift
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +91,7 @@ def train_noisy_classifier(iters: int = 1500, batch: int = 128, lr: float = 2e-3
     info = {"architecture": NoisyDigitClassifier.__doc__.split("\n")[0], "iterations": iters, "batch": batch,
             "lr": lr, "seed": seed, "threads": threads, "wall_s": round(time.perf_counter() - start, 1),
             "parameters": sum(p.numel() for p in net.parameters()), "held_out_accuracy_at_sigma": acc,
-            "data": "train split of train_unet.digits_split (1438 images, 16x16); evaluation on the held-out split"}
+            "data": "train split of digits.digits_split (1438 images, 16x16); evaluation on the held-out split"}
     return net, info
 
 
@@ -105,24 +102,4 @@ def save_noisy_classifier(path: str | os.PathLike, net: NoisyDigitClassifier) ->
 def load_noisy_classifier(path: str | os.PathLike | None = None) -> NoisyDigitClassifier:
     """The shipped noise-aware classifier (or the one at `path`), eval mode, frozen parameters."""
     return load_weights(Path(path) if path is not None else NOISY_CLASSIFIER_WEIGHTS, NoisyDigitClassifier,
-                        "noise-aware classifier", "python -m fewstep.models.noisy_classifier")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="train the noise-aware digit classifier (classifier guidance)")
-    p.add_argument("--out", default=str(NOISY_CLASSIFIER_WEIGHTS), help="weights file (a .json card beside it)")
-    p.add_argument("--iters", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    net, info = train_noisy_classifier(iters=args.iters, seed=args.seed)
-    out = Path(args.out)
-    save_noisy_classifier(out, net)
-    from ..io import write_json
-
-    write_json(out.with_suffix(".json"), info)
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+                        "noise-aware classifier", "fewstep train-noisy-classifier")

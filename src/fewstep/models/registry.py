@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ModelError
 from .analytic import EmpiricalDenoiser, GaussianMixture
+from .digits import digits_data
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,14 +51,6 @@ def gmm_parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     stds = 0.05 + 0.03 * k[:, 0]
     weights = k[:, 0] + 1
     return means.reshape(8, 1, 8, 8), stds, weights / weights.sum()
-
-
-def digits_data() -> torch.Tensor:
-    """sklearn's bundled digits (1 797 images of 8×8), scaled from [0, 16] to [−1, 1], shape [1797, 1, 8, 8]."""
-    from sklearn.datasets import load_digits
-
-    images = torch.as_tensor(load_digits().images, dtype=torch.float64)
-    return (images / 8.0 - 1.0).reshape(-1, 1, 8, 8)
 
 
 def _gmm() -> ModelInfo:

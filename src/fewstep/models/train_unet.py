@@ -3,7 +3,7 @@
 EDM training (arXiv 2206.00364): ln σ ~ N(P_mean = −1.2, P_std = 1.2), loss weight λ(σ) = (σ²+σ_d²)/(σ·σ_d)²,
 σ_d = 0.5; Adam with a linear learning-rate warm-up; an exponential moving average (EMA) of the weights is what
 gets exported. Data: sklearn's bundled digits, bilinearly up-sampled to the model resolution, minus a fixed
-held-out split reserved for the digit classifier.
+held-out split reserved for the digit classifier (`fewstep.models.digits`).
 
 The output folder gets `checkpoint.pt` every `--ckpt-every` iterations and at the end (model, EMA, optimizer,
 iteration, RNG states, wall time so far; written atomically), so an interrupted run continues where it stopped
@@ -18,68 +18,19 @@ the file is loaded and the new class embedding starts at zero, i.e. training sta
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import FewstepError
 from ..io import atomic_write, write_json
+from .digits import digits_split, random_shift
 from .unet import DEFAULT_CONFIG, DIGITS_WEIGHTS, DigitsUNet, load_unet, num_parameters, save_unet
-
-HOLDOUT_FRACTION = 0.2
-SPLIT_SEED = 0
-
-
-# --------------------------------------------------------------------------------------------------------- data
-
-def digits_labels() -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
-    return torch.as_tensor(load_digits().target, dtype=torch.long)
-
-
-def digits_images(resolution: int = 16) -> torch.Tensor:
-    """All 1 797 digits in [−1, 1] as float32 [1797, 1, r, r] (bilinear up-sampling from 8×8, no corner alignment)."""
-    from .registry import digits_data
-
-    x = digits_data().float()
-    if resolution != 8:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(-1, 1)
-    return x
-
-
-def split_indices(n: int = 1797, holdout: float = HOLDOUT_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held_out) index sets: a fixed random permutation; the last `holdout` fraction is held out."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = int(round(n * holdout))
-    return perm[: n - k].sort().values, perm[n - k:].sort().values
-
-
-def digits_split(resolution: int = 16) -> dict[str, torch.Tensor]:
-    """{'train_x', 'train_y', 'held_x', 'held_y'}: the diffusion model trains on `train`, the classifier on `held`."""
-    x, y = digits_images(resolution), digits_labels()
-    tr, ho = split_indices(len(x))
-    return {"train_x": x[tr], "train_y": y[tr], "held_x": x[ho], "held_y": y[ho]}
-
-
-def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by an integer offset in [−max_shift, max_shift]² (background −1 fills the border)."""
-    if max_shift <= 0:
-        return x
-    b, _, h, w = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), value=-1.0)
-    off = torch.randint(0, 2 * p + 1, (b, 2), generator=gen)
-    return torch.stack([padded[i, :, off[i, 0]: off[i, 0] + h, off[i, 1]: off[i, 1] + w] for i in range(b)])
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -248,70 +199,3 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
                   extra={"iterations": str(end_it), "wall_s": f"{wall:.1f}"})
     write_json(out / "train_info.json", info)
     return info
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-
-def cmd_train_model(args: argparse.Namespace) -> int:
-    arch = dict(DEFAULT_CONFIG)
-    if args.channels:
-        arch["channels"] = [int(c) for c in args.channels.split(",")]
-    if args.resolution:
-        arch["resolution"] = args.resolution
-    if args.blocks:
-        arch["blocks_per_level"] = args.blocks
-    if args.conditional:
-        arch["num_classes"] = 10
-    cfg = UNetTrainConfig(iters=args.iters, batch=args.batch, lr=args.lr, warmup=args.warmup, lr_decay=args.lr_decay,
-                          ema_decay=args.ema, augment_shift=args.augment_shift, seed=args.seed,
-                          ckpt_every=args.ckpt_every, threads=args.threads, p_uncond=args.p_uncond,
-                          class_lr_mult=args.class_lr_mult, p_mean=args.p_mean, p_std=args.p_std,
-                          init_from=args.init_from or "", arch=arch)
-    info = train_unet(args.out, cfg, progress=not args.no_progress)
-    print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2))
-    if info["finished"]:
-        print(f"EMA weights: {Path(args.out) / 'digits_unet.safetensors'}")
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    p = sub.add_parser(
-        "train-model", help="train the built-in `digits` U-Net (or fine-tune `digits-cond`; resumable)",
-        description="Train the EDM-preconditioned digits U-Net with the EDM loss and EMA weights. Checkpoints go to "
-                    "OUT/checkpoint.pt; running the same command again resumes from it. At the end the EMA weights "
-                    "are written to OUT/digits_unet.safetensors (load with fewstep.models.unet.load_unet(path)). "
-                    "digits-cond: --conditional --init-from digits --iters 2000 --lr 1e-3 --warmup 100 --lr-decay 1000 "
-                    "--p-mean -0.2 --p-std 1.4 (data/digits_cond_unet.json).")
-    d = UNetTrainConfig()
-    p.add_argument("--out", required=True, help="output folder (checkpoint, exported weights, train_info.json)")
-    p.add_argument("--iters", type=int, default=d.iters, help=f"total training iterations (default {d.iters})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default {d.batch})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate after warm-up (default {d.lr})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up iterations (default {d.warmup})")
-    p.add_argument("--lr-decay", type=int, default=d.lr_decay,
-                   help=f"iterations after which the rate decays as 1/sqrt(it/N) (default {d.lr_decay}; 0 = off)")
-    p.add_argument("--ema", type=float, default=d.ema_decay, help=f"EMA decay (default {d.ema_decay})")
-    p.add_argument("--augment-shift", type=int, default=d.augment_shift,
-                   help="random integer shifts up to this many pixels (default 0 = off)")
-    p.add_argument("--channels", help="comma-separated widths per level (default "
-                   + ",".join(map(str, DEFAULT_CONFIG["channels"])) + ")")
-    p.add_argument("--blocks", type=int,
-                   help=f"residual blocks per level (default {DEFAULT_CONFIG['blocks_per_level']})")
-    p.add_argument("--resolution", type=int, help=f"image size (default {DEFAULT_CONFIG['resolution']})")
-    p.add_argument("--conditional", action="store_true",
-                   help="class-conditional U-Net (10 classes + null label 10; the digits-cond model)")
-    p.add_argument("--p-uncond", type=float, default=d.p_uncond,
-                   help=f"condition dropout probability with --conditional (default {d.p_uncond})")
-    p.add_argument("--p-mean", type=float, default=d.p_mean,
-                   help=f"mean of ln sigma in the loss (default {d.p_mean}; higher stresses the noisy end, where "
-                        "the class is decided)")
-    p.add_argument("--p-std", type=float, default=d.p_std, help=f"std of ln sigma in the loss (default {d.p_std})")
-    p.add_argument("--class-lr-mult", type=float, default=d.class_lr_mult,
-                   help=f"learning-rate factor of the class embedding with --conditional (default {d.class_lr_mult})")
-    p.add_argument("--init-from", help="start from these weights ('digits' = the shipped unconditional U-Net); "
-                   "a new class embedding starts at zero")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint period (default {d.ckpt_every})")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=cmd_train_model)

@@ -11,19 +11,18 @@ import time
 
 from rich.markup import escape
 
-from .conditioning import add_condition_args, conditioned_model, from_args
-from .errors import FewstepError
-from .evaluation.bench import parse_options
-from .gits import (DEFAULT_GAMMA, DEFAULT_GRID, DEFAULT_METRIC, DEFAULT_TEACHER, DEFAULT_WARMUP, GITS_SEED_BASE,
-                   METRICS, GitsSearch, nfe_to_num_steps)
-from .schedules import save_schedule
+from ..conditioning import conditioned_model
+from ..errors import FewstepError
+from ..evaluation.bench import parse_options
+from ..gits import (DEFAULT_GAMMA, DEFAULT_GRID, DEFAULT_METRIC, DEFAULT_TEACHER, DEFAULT_WARMUP, GITS_SEED_BASE,
+                    METRICS, GitsSearch, nfe_to_num_steps)
+from ..models import load_model
+from ..schedules import save_schedule
+from ..solvers import get_solver, nfe
+from .common import add_condition_args, add_model_arg, console, from_args
 
 
 def cmd_gits(args: argparse.Namespace) -> int:
-    from .cli import console
-    from .models import load_model
-    from .solvers import get_solver, nfe
-
     model, conditions = from_args(load_model(args.model), args)
     batch = args.batch
     # conditions bound for the warm-up seeds, run as one batch (docs/maths.md, "Conditions and guidance")
@@ -60,19 +59,13 @@ def cmd_gits(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from . import cli
-    from .models import BUILTIN_MODELS, DEFAULT_MODEL
-
+    """Add `gits`."""
     p = sub.add_parser(
         "gits", help="search a GITS time schedule (geometry-inspired, by dynamic programming) for a model",
         description="Run a teacher on a fine grid for warm-up samples (seeds from "
                     f"{GITS_SEED_BASE}), build the cost matrix of one-step Euler jumps and pick the schedule "
                     "by dynamic programming (docs/maths.md §10). Use the file with --schedule gits:FILE.")
-    model_type = getattr(cli, "model_arg", None)
-    if model_type is not None:
-        p.add_argument("--model", default=DEFAULT_MODEL, type=model_type, help="model (as for `fewstep bench`)")
-    else:
-        p.add_argument("--model", default=DEFAULT_MODEL, choices=list(BUILTIN_MODELS), help="built-in model")
+    add_model_arg(p, help="model (as for `fewstep bench`)")
     p.add_argument("--nfe", type=int, default=None, help="NFE budget of the student solver (sets num_steps)")
     p.add_argument("--num-steps", type=int, default=None, help="grid points N instead of --nfe")
     p.add_argument("--solver", default="ipndm", help="student solver: maps NFE to points and picks the AFS point")

@@ -1,45 +1,34 @@
-"""Evaluation subcommands: `fewstep fid ref|calc` (FID-style scores) and `fewstep analyze` (trajectory geometry).
-
-Registered through `fewstep.cli.COMMAND_MODULES`; also runnable alone as `python -m fewstep.evaluation.commands`.
-"""
+"""`fewstep fid ref|calc` (FID-style scores of image sets) and `fewstep analyze` (trajectory geometry)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+import torch
 from rich.markup import escape
 
-from ..conditioning import add_condition_args, conditioned_model, from_args
+from ..conditioning import conditioned_model
+from ..device import resolve_device
 from ..errors import FewstepError
-from ..io import check_output_dir, check_output_file
-
-
-def _console() -> Any:
-    from ..cli import console
-
-    return console
+from ..evaluation.bench import parse_options
+from ..evaluation.fid import (FEATURE_NETWORKS, INCEPTION_WEIGHTS_ENV, REFERENCE_FILES, FeatureStats,
+                               compute_stats, fid_score, reference_stats)
+from ..io import check_output_dir, check_output_file, write_text
+from ..models import load_model
+from .common import add_condition_args, add_model_arg, console, from_args
 
 
 def _device(name: str) -> str:
-    """--device: 'auto' (cuda when available), or a device that exists on this machine (fewstep.device)."""
-    import torch
-
-    from ..device import resolve_device
-
+    """fid's --device: 'auto' (cuda when available), or a device that exists on this machine (fewstep.device)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(resolve_device(name))
 
 
 def _feature_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    from .fid import FEATURE_NETWORKS, INCEPTION_WEIGHTS_ENV
-
     p.add_argument("--features", default=default, choices=list(FEATURE_NETWORKS),
                    help="feature network: digits (the project's digit classifier, 'FD-digits') or inception "
                         "(standard FID, needs pip install 'fewstep[fid]')"
@@ -53,22 +42,18 @@ def _feature_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def cmd_fid_ref(args: argparse.Namespace) -> int:
-    from .fid import compute_stats
-
     check_output_file(args.dest, "--dest")
     start = time.perf_counter()
     stats = compute_stats(args.images, args.features, batch=args.batch, device=_device(args.device),
                           reservoir=args.kid_features, progress=not args.no_progress, weights=args.inception_weights)
     stats.save(args.dest, source=str(args.images))
-    _console().print(f"wrote {escape(args.dest)}: {stats.n} images, {stats.dim}-d {args.features} features"
-                     + (f", {len(stats.kid_features)} kept for KID" if stats.kid_features is not None else "")
-                     + f" ({time.perf_counter() - start:.1f} s)")
+    console.print(f"wrote {escape(args.dest)}: {stats.n} images, {stats.dim}-d {args.features} features"
+                  + (f", {len(stats.kid_features)} kept for KID" if stats.kid_features is not None else "")
+                  + f" ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
-def _resolve_ref(ref: str) -> Any:
-    from .fid import REFERENCE_FILES, FeatureStats, reference_stats
-
+def _resolve_ref(ref: str) -> FeatureStats:
     if not Path(ref).exists() and ref in REFERENCE_FILES:
         return reference_stats(ref)
     if not Path(ref).is_file():
@@ -78,8 +63,6 @@ def _resolve_ref(ref: str) -> Any:
 
 
 def cmd_fid_calc(args: argparse.Namespace) -> int:
-    from .fid import fid_score
-
     if args.json not in (None, "-"):
         check_output_file(args.json, "--json")
     start = time.perf_counter()
@@ -93,22 +76,18 @@ def cmd_fid_calc(args: argparse.Namespace) -> int:
         if args.json == "-":
             print(text)
         else:
-            from ..io import write_text
-
             write_text(args.json, text + "\n")
     if args.json != "-":
         label = "FD-digits" if result["features"] == "digits" else "FID"
         line = f"{label} {result['fd']:.4f}  ({result['n']} images vs {result['n_ref']} reference)"
         if args.kid:
             line += f"   KID {result['kid']:.6f} ± {result['kid_std']:.6f}"
-        _console().print(line)
+        console.print(line)
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .bench import parse_options
-    from ..models import load_model
-    from .analysis import analyze, write_report
+    from ..evaluation.analysis import analyze, write_report
 
     check_output_dir(args.out, "--out")
     model, conditions = from_args(load_model(args.model), args)
@@ -125,7 +104,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(json.dumps(s))
         return 0
     ev = s["explained_variance"]
-    console = _console()
     console.print(f"{escape(model.name)}, {escape(args.solver)}, {args.num_steps} points (NFE {s['nfe']}), "
                   f"{s['n']} trajectories, "
                   f"{result.seconds:.1f} s")
@@ -141,39 +119,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_extra_metrics(args: argparse.Namespace, model: Any) -> Any:
-    """`fewstep bench --fid`: the FD metric for `run_bench(extra_metrics=…)`, or None without --fid."""
-    if not getattr(args, "fid", False):
-        return None
-    from .fid import bench_fd_metric
-
-    return bench_fd_metric(model.name)
-
-
-def bench_report(args: argparse.Namespace, records: Sequence[dict[str, Any]], nfes: Sequence[int],
-                 print_table: Any) -> None:
-    """After `fewstep bench`: the FD table (--fid) and the error/FD-vs-NFE chart (--plot FILE)."""
-    from .bench import table_rows
-    from .fid import model_feature_network
-    from .plots import plot_error_vs_nfe
-
-    metrics = ["rmse"]
-    if getattr(args, "fid", False):
-        key = f"fd_{model_feature_network(args.model)}"
-        metrics.append(key)
-        header, rows = table_rows(records, nfes, metric=key)
-        print_table(header, rows, f"FD-{key[3:]} of the samples vs the shipped reference statistics — {args.model}, "
-                    f"{args.n} samples (* best per NFE)")
-    if getattr(args, "plot", None):
-        plot_error_vs_nfe(records, args.plot, title=f"{args.model}: {args.n} samples", metric=metrics)
-        _console().print(f"wrote {escape(args.plot)}")
-
-
-def add_commands(sub: Any) -> None:
-    """Add `fid` (with `ref` and `calc`) and `analyze` to the `fewstep` sub-parsers."""
-    from ..cli import MODEL_HELP, model_arg
-    from ..models import BUILTIN_MODELS
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `fid` (with `ref` and `calc`) and `analyze`."""
     p = sub.add_parser("fid", help="FID-style scores: reference statistics and Fréchet distance / KID",
                        description="Fréchet distance (and KID) between images and reference statistics, from "
                                    "features streamed in float64. IMAGES is a folder of PNGs or an .npz with "
@@ -206,8 +153,7 @@ def add_commands(sub: Any) -> None:
                                    "distance from the straight line x_T → x_end and the angle between d and "
                                    "x − x_end (docs/maths.md §9). Writes summary.json, per_trajectory.npz and PNG "
                                    "plots.")
-    a.add_argument("--model", default="digits-opt", type=model_arg,
-                   help=MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + "; default digits-opt")
+    add_model_arg(a, "digits-opt", show_default=True)
     a.add_argument("--solver", default="heun", help="solver (default heun)")
     a.add_argument("--num-steps", type=int, default=41, help="grid points N (default 41: 40 Heun steps)")
     a.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")
@@ -222,16 +168,3 @@ def add_commands(sub: Any) -> None:
     add_condition_args(a)
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=cmd_analyze)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run these subcommands without the main `fewstep` parser (same error handling as `fewstep`)."""
-    from ..cli import Parser, run
-
-    parser = Parser(prog="python -m fewstep.evaluation.commands", description=__doc__)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return run(parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,33 +1,29 @@
-"""`fewstep learn` (fit a solver card; `learn export DIR --sigmas` prints its grid) and `fewstep tune` (fit the
+"""`fewstep learn` (fit a learned solver card; `learn export DIR --sigmas` prints its grid) and `fewstep tune` (fit the
 card families for several NFEs and keep the best on validation pairs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
-from ..device import DEVICE_HELP, to_device
+from ..conditioning import bind, conditions_for_seeds
+from ..device import to_device
 from ..errors import FewstepError
+from ..evaluation.bench import parse_options
 from ..io import check_output_dir
+from ..learned.card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
+from ..learned.solver import BASES
+from ..learned.train import LOSSES, LearnConfig, learn
+from ..models import load_model
+from ..models.registry import ModelInfo
+from ..solvers.base import Denoiser
 from ..validate import int_list, positive_float, positive_int
-from .card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
-from .solver import BASES
-
-
-def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 200)
-
-
-def _options(items: list[str]) -> dict[str, Any]:
-    from ..evaluation.bench import parse_options
-
-    return parse_options(items)
+from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
 
 
 def _params(text: str) -> tuple[str, ...]:
@@ -39,16 +35,15 @@ def _params(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _conditions(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any] | None, Any]:
+def _conditions(args: argparse.Namespace, model: ModelInfo) -> tuple[ModelInfo, dict[str, Any] | None,
+                                                                   Callable[[list[int]], Denoiser] | None]:
     """The model (prompt models get their prompts), the condition distribution to record in the card (None:
     unconditional) and the per-seed binder of conditional models (docs/maths.md, "Conditions and guidance")."""
-    from ..conditioning import bind, conditions_for_seeds, from_args
-
     model, spec = from_args(model, args)
     if not spec.conditional:
         return model, None, None
 
-    def binder(seeds: list[int]) -> Any:
+    def binder(seeds: list[int]) -> Denoiser:
         return bind(model, conditions_for_seeds(spec, seeds), spec.guidance, spec.classifier_scale)
 
     return model, spec.to_json(), binder
@@ -62,20 +57,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if not args.out:
         raise FewstepError("learn: --out DIR is required (the card folder)")
     check_output_dir(args.out, "--out")
-    from ..models import load_model
-    from .train import LearnConfig, learn
 
-    model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
-    cfg = LearnConfig(base=args.base, base_options=_options(args.base_opt), nfe=args.nfe, afs=args.afs,
+    model, conditions, binder = _conditions(args, to_device(load_model(args.model), args.device))
+    cfg = LearnConfig(base=args.base, base_options=parse_options(args.base_opt), nfe=args.nfe, afs=args.afs,
                       params=args.params, init_schedule=args.init_schedule or "", window=args.window, loss=args.loss,
-                      soft_radius=args.soft_radius, teacher=args.teacher, teacher_options=_options(args.teacher_opt),
-                      teacher_steps=args.teacher_steps, pairs=args.pairs, val_pairs=args.val_pairs, iters=args.iters,
-                      batch=args.batch, lr=args.lr, seed=args.seed, conditions=conditions)
-    card = learn(model, cfg, out=args.out, progress=not args.no_progress, bind=bind)
+                      soft_radius=args.soft_radius, teacher=args.teacher,
+                      teacher_options=parse_options(args.teacher_opt), teacher_steps=args.teacher_steps,
+                      pairs=args.pairs, val_pairs=args.val_pairs, iters=args.iters, batch=args.batch, lr=args.lr,
+                      seed=args.seed, conditions=conditions)
+    card = learn(model, cfg, out=args.out, progress=not args.no_progress, bind=binder)
     t = card.training
-    _console().print(f"{escape(card.label)} on {escape(model.name)}: NFE {card.nfe}, validation RMSE "
-                     f"{t['val_rmse_initial']:.4g} → {t['val_rmse']:.4g} (train {t['train_rmse']:.4g}) in "
-                     f"{t['seconds']:.1f} s; wrote {escape(str(args.out))}/card.json")
+    console.print(f"{escape(card.label)} on {escape(model.name)}: NFE {card.nfe}, validation RMSE "
+                  f"{t['val_rmse_initial']:.4g} → {t['val_rmse']:.4g} (train {t['train_rmse']:.4g}) in "
+                  f"{t['seconds']:.1f} s; wrote {escape(str(args.out))}/card.json")
     return 0
 
 
@@ -91,26 +85,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..models import load_model
-    from .tune import tune
+    from ..learned.tune import default_config, tune
 
     check_output_dir(args.out, "--out")
-    model, conditions, bind = _conditions(args, to_device(load_model(args.model), args.device))
-    console = _console()
+    model, conditions, binder = _conditions(args, to_device(load_model(args.model), args.device))
     base_config = None
     if args.pairs or args.iters:
-        from .tune import default_config
-
         base_config = default_config(model, pairs=args.pairs, iters=args.iters)
     tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
-         conditions=conditions, bind=bind, log=lambda text: console.print(escape(text)), base_config=base_config)
+         conditions=conditions, bind=binder, log=lambda text: console.print(escape(text)), base_config=base_config)
     return 0
 
 
-def add_commands(sub: Any) -> None:
-    from ..models import BUILTIN_MODELS, DEFAULT_MODEL
-
-    models = ", ".join(BUILTIN_MODELS)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `learn` (with `learn export`) and `tune`."""
     p = sub.add_parser(
         "learn", help="fit a learned global solver card (time steps, offsets, weights, coefficients)",
         description="Final-sample distillation of a solver card (docs/maths.md, 'Learned global solvers'): the base "
@@ -120,7 +108,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("action", nargs="?", choices=["export"], help="export: print a card (or its σ grid)")
     p.add_argument("card", nargs="?", help="the card folder (with export)")
     p.add_argument("--sigmas", action="store_true", help="with export: print only the σ list")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
+    add_model_arg(p)
     p.add_argument("--base", default="dpmpp", choices=BASES, help="base solver (default dpmpp)")
     p.add_argument("--base-opt", action="append", default=[], metavar="K=V",
                    help="base solver option, e.g. max_order=2")
@@ -132,7 +120,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--init-schedule", default=None, metavar="NAME[:RHO]",
                    help="grid to start from (default: the base's recommended schedule), e.g. time_uniform:2")
     p.add_argument("--window", type=int, default=3, help="history nodes per correction row K (default 3)")
-    p.add_argument("--loss", default="l2", choices=["l2", "l1"], help="final-sample loss (default l2)")
+    p.add_argument("--loss", default="l2", choices=LOSSES,
+                   help="final-sample loss: l2, rmse (its square root per sample, the benchmark's metric) or l1 "
+                        "(default l2)")
     p.add_argument("--soft-radius", type=float, default=0.0,
                    help="LD3 soft teacher: the student may start within r·sqrt(dim) of each training noise (0: off)")
     p.add_argument("--teacher", default="auto",
@@ -147,8 +137,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=64, help="pairs per iteration (default 64)")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate, cosine-decayed (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="training seed: selects the training pairs")
-    _condition_args(p)
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_condition_args(p)
+    add_device_arg(p)
     p.add_argument("--out", default=None, help="card folder (resumes from its learn_state.pt)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_learn)
@@ -157,7 +147,7 @@ def add_commands(sub: Any) -> None:
                        description="For each NFE: the best classic solver over solvers × schedules × AFS on "
                                    "validation pairs, then card families on the strongest bases, initialised from "
                                    "the best classic grid; writes the cards, table.md/json and a plot.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model ({models}) or package.module:factory")
+    add_model_arg(p)
     p.add_argument("--nfe", type=int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
     p.add_argument("--budget", type=positive_float, default=600.0, help="seconds of training per NFE (default 600)")
     p.add_argument("--n", type=positive_int, default=None,
@@ -166,14 +156,8 @@ def add_commands(sub: Any) -> None:
                    help="training pairs (default 2048 analytic / 1024 network)")
     p.add_argument("--iters", type=positive_int, default=None,
                    help="iterations per card (default 400 analytic / 250 network)")
-    _condition_args(p)
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_condition_args(p)
+    add_device_arg(p)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_tune)
-
-
-def _condition_args(p: argparse.ArgumentParser) -> None:
-    from ..conditioning import add_condition_args
-
-    add_condition_args(p)
