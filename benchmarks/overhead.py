@@ -40,10 +40,10 @@ def per_call(fn, repeats: int) -> float:
 
 
 def runners(batch: int) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.Tensor]:
-    import fewstep
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
     from k_diffusion.sampling import get_sigmas_karras, sample_dpmpp_2m
 
+    import fewstep
     from fewstep.integrations.diffusers import FewstepScheduler
 
     noise = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(0))

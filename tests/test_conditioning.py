@@ -11,8 +11,17 @@ import torch
 
 import fewstep
 from fewstep.cli import main
-from fewstep.conditioning import (ClassifierFreeGuidance, ClassifierGuidance, ConditionSpec, bind, check_conditions,
-                                  conditioned_model, conditions_for_seeds, parse_classes, resolve)
+from fewstep.conditioning import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    ConditionSpec,
+    bind,
+    check_conditions,
+    conditioned_model,
+    conditions_for_seeds,
+    parse_classes,
+    resolve,
+)
 from fewstep.errors import ConditionError
 from fewstep.models import load_model
 from fewstep.models.registry import ModelInfo
@@ -118,7 +127,7 @@ def test_classifier_guidance_equals_formula():
     def clf(x, sigma):
         return x @ w_mat.T / (1 + sigma[:, None])
 
-    den = lambda x, s: 0.5 * x  # noqa: E731
+    den = lambda x, s: 0.5 * x
     x, s, c = torch.randn(3, 4), torch.tensor([0.3, 1.0, 4.0]), torch.tensor([0, 3, 4])
     out = ClassifierGuidance(den, clf, c, 2.0)(x, s)
     p = clf(x, s).softmax(-1)
@@ -184,7 +193,7 @@ def test_cli_conditions(tmp_path, capsys):
 
 def test_diffusers_per_sample_prompts_equal_builtin_guidance():
     pytest.importorskip("diffusers")
-    from test_integrations import pipe as pipe_fixture  # noqa: F401  (the tiny Stable Diffusion pipeline)
+    from test_integrations import pipe as pipe_fixture
 
     from fewstep.integrations.diffusers import DiffusersDenoiser, pipeline_model
 

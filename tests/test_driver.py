@@ -144,7 +144,7 @@ def test_every_module_imports_first():
 # ------------------------------------------------------------------------------------------------ diffusers
 
 diffusers = pytest.importorskip("diffusers")
-from fewstep.integrations.diffusers import FewstepScheduler  # noqa: E402
+from fewstep.integrations.diffusers import FewstepScheduler
 
 CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

@@ -55,7 +55,7 @@ def test_corrections_change_the_update_by_the_formula():
     solver = LearnedSolver("euler", {}, grid, False, torch.zeros(1, dtype=torch.float64),
                            torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[-0.2]], dtype=torch.float64))
     x0 = torch.tensor([[1.5, -0.5]], dtype=torch.float64)
-    den = lambda x, s: 0.25 * x  # noqa: E731
+    den = lambda x, s: 0.25 * x
     got = fewstep.sample(den, x0 / 2.0, solver)
     d0 = (x0 - den(x0, None)) / 2.0
     want = x0 + (-1.0) * 1.3 * d0 + 0.5 * (-0.2) * den(x0, None)

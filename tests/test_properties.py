@@ -12,16 +12,16 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-import fewstep  # noqa: E402
-from fewstep.amed.predictor import AMEDPredictor  # noqa: E402
-from fewstep.errors import ScheduleError  # noqa: E402
-from fewstep.models import load_model  # noqa: E402
-from fewstep.noise import seeded_noise  # noqa: E402
-from fewstep.schedules import VP_EPS_S, VPLinear, get_schedule  # noqa: E402
-from fewstep.solvers import SOLVERS, get_solver  # noqa: E402
+import fewstep
+from fewstep.amed.predictor import AMEDPredictor
+from fewstep.errors import ScheduleError
+from fewstep.models import load_model
+from fewstep.noise import seeded_noise
+from fewstep.schedules import VP_EPS_S, VPLinear, get_schedule
+from fewstep.solvers import SOLVERS, get_solver
 
 PROFILE = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow])

@@ -2,8 +2,8 @@
 
 from . import models
 from .errors import DenoiserError, FewstepError, ModelError, ScheduleError, SolverError
-from .schedules import check_schedule, get_schedule
 from .learned import load_solver
+from .schedules import check_schedule, get_schedule
 from .solvers import SOLVERS, nfe, num_steps_for_nfe, sample
 
 __version__ = "0.1.0"

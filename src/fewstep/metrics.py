@@ -7,5 +7,5 @@ The implementation lives in `fewstep.evaluation.fid`; this module is its public 
     fd = frechet_distance(compute_stats("samples/", "digits"), reference_stats("digits"))
 """
 
-from .evaluation.fid import *  # noqa: F403  (the public API, re-exported)
+from .evaluation.fid import *
 from .evaluation.fid import __all__  # noqa: F401

@@ -8,7 +8,6 @@ import torch
 
 from .errors import FewstepError
 
-
 MAX_SEEDS = 1_000_000  # one job; a list this long already takes hours of sampling
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 

@@ -24,17 +24,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import FewstepError
 from .conditioning import ConditionSpec, check_conditions, conditioned_model, resolve
+from .device import to_device
+from .errors import FewstepError
 from .io import atomic_write, check_output_dir, check_output_file
 from .manifest import claim_folder, file_fingerprint, sample_manifest
 from .models import load_model
 from .models.registry import ModelInfo
-from .device import to_device
 from .noise import parse_seeds, seeded_noise
 from .schedules import get_schedule
 from .solvers import get_solver, nfe, num_steps_for_nfe, sample
-
 
 
 @dataclass

@@ -10,7 +10,6 @@ from torch import nn
 from ..solvers.base import Control, Node
 from .features import FEATURE_DIM
 
-
 R_MARGIN = 1e-3
 
 
@@ -51,7 +50,7 @@ class AMEDPredictor(nn.Module):
 
     def forward(self, features: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> Control:
         b = features.shape[0]
-        emb = lambda t: self.time(positional_embedding(torch.log(t.expand(b)) / 4, self.time_channels))  # noqa: E731
+        emb = lambda t: self.time(positional_embedding(torch.log(t.expand(b)) / 4, self.time_channels))
         h = torch.cat([self.features(features.float()), emb(t_cur), emb(t_next)], dim=1)
         # float64 sigmoids; r is kept off 0 and 1, where s_n would coincide with a grid point
         r = torch.sigmoid(self.head_r(h).double()).squeeze(1).clamp(R_MARGIN, 1 - R_MARGIN)

@@ -14,8 +14,16 @@ from rich.markup import escape
 from ..conditioning import check_artifacts, conditioned_model
 from ..device import to_device
 from ..errors import FewstepError
-from ..evaluation.bench import (DEFAULT_NFES, DEFAULT_SOLVERS, SolverSpec, best_per_nfe, expand_schedules,
-                                run_best_classic, run_bench, table_rows)
+from ..evaluation.bench import (
+    DEFAULT_NFES,
+    DEFAULT_SOLVERS,
+    SolverSpec,
+    best_per_nfe,
+    expand_schedules,
+    run_bench,
+    run_best_classic,
+    table_rows,
+)
 from ..io import check_output_dir, check_output_file, write_json
 from ..models import load_model
 from ..models.registry import ModelInfo

@@ -14,8 +14,15 @@ from ..conditioning import conditioned_model
 from ..device import resolve_device
 from ..errors import FewstepError
 from ..evaluation.bench import parse_options
-from ..evaluation.fid import (FEATURE_NETWORKS, INCEPTION_WEIGHTS_ENV, REFERENCE_FILES, FeatureStats,
-                               compute_stats, fid_score, reference_stats)
+from ..evaluation.fid import (
+    FEATURE_NETWORKS,
+    INCEPTION_WEIGHTS_ENV,
+    REFERENCE_FILES,
+    FeatureStats,
+    compute_stats,
+    fid_score,
+    reference_stats,
+)
 from ..io import check_output_dir, check_output_file, write_text
 from ..models import load_model
 from .common import add_condition_args, add_model_arg, console, from_args

@@ -14,8 +14,17 @@ from rich.markup import escape
 from ..conditioning import conditioned_model
 from ..errors import FewstepError
 from ..evaluation.bench import parse_options
-from ..gits import (DEFAULT_GAMMA, DEFAULT_GRID, DEFAULT_METRIC, DEFAULT_TEACHER, DEFAULT_WARMUP, GITS_SEED_BASE,
-                    METRICS, GitsSearch, nfe_to_num_steps)
+from ..gits import (
+    DEFAULT_GAMMA,
+    DEFAULT_GRID,
+    DEFAULT_METRIC,
+    DEFAULT_TEACHER,
+    DEFAULT_WARMUP,
+    GITS_SEED_BASE,
+    METRICS,
+    GitsSearch,
+    nfe_to_num_steps,
+)
 from ..models import load_model
 from ..schedules import save_schedule
 from ..solvers import get_solver, nfe

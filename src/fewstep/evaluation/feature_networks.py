@@ -176,7 +176,7 @@ class InceptionFeatures:
                 f"{INCEPTION_WEIGHTS_ENV}=PATH, or by placing it in the torch hub cache path above.")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise FeatureNetworkError(f"cannot read Inception weights {path}: {e}") from e
         try:  # the library's own architecture and load_state_dict (strict), with the weights from our file
             with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):

@@ -61,7 +61,7 @@ class Card:
 
     def solver(self) -> LearnedSolver:
         """The card as a solver for `fewstep.sample` (float64 tensors, grid and AFS built in)."""
-        as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
         return LearnedSolver(self.base, self.base_options, as_tensor(self.sigmas), self.afs, as_tensor(self.offsets),
                              as_tensor(self.weights), as_tensor(self.coeffs), label=self.label,
                              afs_shift=as_tensor(self.afs_shift))

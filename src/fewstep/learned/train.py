@@ -341,7 +341,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     params.load_state_dict(best["state"])
     train_err = _mean_error(params, cfg, model, bind, train_seeds, targets, dtype)
     t = params.tensors()
-    as_list = lambda v: None if v is None else v.detach().tolist()  # noqa: E731
+    as_list = lambda v: None if v is None else v.detach().tolist()
     card = Card(
         base=cfg.base, base_options=dict(cfg.base_options), afs=cfg.afs, sigmas=as_list(t["grid"]),
         offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_best_classic, run_bench
+from ..evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_bench, run_best_classic
 from ..io import write_json, write_text
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise

@@ -32,7 +32,6 @@ from ..io import atomic_write, write_json
 from .digits import digits_split, random_shift
 from .unet import DEFAULT_CONFIG, DIGITS_WEIGHTS, DigitsUNet, load_unet, num_parameters, save_unet
 
-
 # ----------------------------------------------------------------------------------------------------- training
 
 @dataclass
