@@ -244,3 +244,38 @@ def test_learn_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys):
     target.write_text("x")
     assert main(["learn", "--model", "gmm", "--out", str(target), "--no-progress"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_tune_keeps_the_best_validated_card_and_reports_the_true_ratio(tmp_path):
+    """tune on two families: the `best` card is the one with the lower validation RMSE, and each table row's
+    ratio is that card's test RMSE over the best classic solver's (solvers × schedules × AFS) on the same seeds."""
+    from fewstep.evaluation.bench import best_per_nfe, run_best_classic, run_bench
+    from fewstep.learned.tune import Family, tune
+
+    cfg = LearnConfig(pairs=32, val_pairs=16, iters=6, batch=16, lr=0.05, loss="rmse", teacher_steps=100)
+    families = (Family("unipc", ("steps", "offsets")), Family("euler", ("steps",)))
+    rows = tune(GMM, [2], tmp_path, budget_s=600.0, n_test=32, progress=False, log=lambda s: None,
+                families=families, base_config=cfg)
+    cards = {p.name.split("-")[0]: load_card(p, GMM) for p in (tmp_path / "nfe2").iterdir() if p.name != "best"}
+    assert sorted(cards) == ["euler", "unipc"]
+    best = min(cards.values(), key=lambda c: c.training["val_rmse"])
+    assert load_card(tmp_path / "nfe2" / "best", GMM).sigmas == best.sigmas
+    classic = best_per_nfe(run_best_classic(GMM, [2], 32, progress=False))[2]["rmse"]
+    learned = run_bench(GMM, [], [2], 32, progress=False, learned=[tmp_path / "nfe2" / "best"])[0]["rmse"]
+    (row,) = rows
+    assert row["best_classic_rmse"] == classic and row["learned_rmse"] == learned
+    assert row["ratio"] == pytest.approx(learned / classic) and row["val_rmse"] == best.training["val_rmse"]
+    assert json.loads((tmp_path / "table.json").read_text()) == rows
+    assert (tmp_path / "table.md").read_text().count("\n") == 3 and (tmp_path / "error_vs_nfe.png").stat().st_size
+
+
+def test_tune_cli_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["tune", "--model", "gmm", "--nfe", "2", "--budget", "1", "--n", "16", "--pairs", "16", "--iters",
+                 "2", "--out", str(out), "--no-progress"]) == 0
+    (row,) = json.loads((out / "table.json").read_text())
+    assert row["nfe"] == 2 and row["learned"].startswith("learned[unipc") and row["ratio"] > 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--model", "gmm", "--nfe", "0", "--out", str(tmp_path / "t2")])
+    assert exit_.value.code == 2 and "--nfe" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()

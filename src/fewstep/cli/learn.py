@@ -153,9 +153,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=positive_int, default=None,
                    help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
     p.add_argument("--pairs", type=positive_int, default=None,
-                   help="training pairs (default 2048 analytic / 1024 network)")
+                   help="training pairs (default 2048)")
     p.add_argument("--iters", type=positive_int, default=None,
-                   help="iterations per card (default 400 analytic / 250 network)")
+                   help="iterations per card (default 400)")
     add_condition_args(p)
     add_device_arg(p)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
