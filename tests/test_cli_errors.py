@@ -113,6 +113,15 @@ CASES = {
     "NaN schedule file": (SAMPLE + ["--schedule", "gits:{t}/nan_schedule.json", "--num-steps", "5"],
                           ["non-finite values: [nan, 80.0, 1.0, 0.5, 0.002]"]),
     "demo n 0": (["demo", "--n", "0"], ["--n"]),
+    # training the shipped networks: numbers and outputs checked before any training
+    "train-model iters -5": (["train-model", "--iters=-5", "--out", "{t}/m"], ["--iters", ">= 1"]),
+    "train-model channels": (["train-model", "--channels", "a,b", "--out", "{t}/m"], ["--channels", "integer"]),
+    "train-model ema 1": (["train-model", "--ema", "1", "--out", "{t}/m"], ["--ema", "[0, 1)"]),
+    "train-model out is a file": (["train-model", "--iters", "1", "--out", "{t}/afile"], ["--out", "not a folder"]),
+    "classifier epochs 0": (["train-classifier", "--epochs", "0", "--out", "{t}/c.safetensors"], ["--epochs"]),
+    "classifier out is a folder": (["train-classifier", "--epochs", "1", "--out", "{t}/adir"], ["--out", "folder"]),
+    "noisy classifier threads 0": (["train-noisy-classifier", "--threads", "0", "--out", "{t}/n.safetensors"],
+                                   ["--threads", "1…1024"]),
 }
 
 
