@@ -16,17 +16,9 @@ import fewstep
 from fewstep import ScheduleError
 from fewstep.ays import AYS_TABLES
 from fewstep.evaluation.bench import SolverSpec, expand_schedules, run_bench
-from fewstep.gits import (
-    GitsSearch,
-    cost_sums,
-    dp_path,
-    load_schedule,
-    path_cost,
-    read_schedule_file,
-    refine_schedule,
-    save_schedule,
-)
+from fewstep.gits import GitsSearch, cost_sums, dp_path, path_cost, refine_schedule
 from fewstep.models import load_model
+from fewstep.schedules import load_schedule, read_schedule_file, save_schedule
 from fewstep.solvers import SOLVERS
 
 GMM = load_model("gmm")

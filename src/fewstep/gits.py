@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .errors import FewstepError, ScheduleError, SolverError
 from .noise import seeded_noise
-from .schedules import check_schedule, get_schedule, load_schedule, read_schedule_file, save_schedule  # noqa: F401  (their old home)
+from .schedules import check_schedule, get_schedule
 from .solvers import get_solver, num_steps_for_nfe, sample, sample_with_directions
 
 GITS_SEED_BASE = 2_000_000  # warm-up noise seeds: disjoint from evaluation (0, 1, …) and AMED training (1e6 …)
