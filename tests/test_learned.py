@@ -249,7 +249,7 @@ def test_learn_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys):
 def test_tune_keeps_the_best_validated_card_and_reports_the_true_ratio(tmp_path):
     """tune on two families: the `best` card is the one with the lower validation RMSE, and each table row's
     ratio is that card's test RMSE over the best classic solver's (solvers × schedules × AFS) on the same seeds."""
-    from fewstep.evaluation.bench import best_per_nfe, run_best_classic, run_bench
+    from fewstep.evaluation.bench import best_per_nfe, run_bench, run_best_classic
     from fewstep.learned.tune import Family, tune
 
     cfg = LearnConfig(pairs=32, val_pairs=16, iters=6, batch=16, lr=0.05, loss="rmse", teacher_steps=100)

@@ -106,10 +106,14 @@ class LearnedSolver(Solver):
                 out = term if out is None else out + term
         return out
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
-        if info.index + 1 >= len(self.grid) or float(t_next.detach()) != float(self.grid[info.index + 1].detach()):
+    def check_grid(self, sigmas: torch.Tensor) -> None:
+        """Only the card's own grid (its σ's are part of what was learned)."""
+        given, own = (g.detach().to("cpu", torch.float64) for g in (sigmas, self.grid))
+        if given.shape != own.shape or not torch.equal(given, own):
             raise SolverError(f"this card runs on its own {len(self.grid)}-point grid (fewstep learn export DIR "
                               "--sigmas); do not pass another schedule")
+
+    def step(self, x, hist, t_next, info, ev, scale=1.0):
         x_next = self.base.step(x, hist[-self.base.history :], t_next, info, ev, scale)
         delta = self.correction(x, hist, t_next, info.index)
         return x_next if delta is None else x_next + delta

@@ -238,6 +238,10 @@ class Solver:
         name, rho = self.recommended_schedule
         return get_schedule(name, num_steps, sigma_min, sigma_max, rho=rho, model=model)
 
+    def check_grid(self, sigmas: torch.Tensor) -> None:
+        """Refuse a grid this solver cannot run on; the loop asks once per run. Any grid by default; a learned
+        card runs on its own grid only."""
+
     def resolve_afs(self, afs: bool | None) -> bool:
         """The AFS setting of a run: the caller's (default off); a learned card fixes its own."""
         return bool(afs)

@@ -53,6 +53,7 @@ def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
     Yields a `ModelRequest` per model call (send back D, or a node) and a `GridPoint` at every grid point (send
     back None, or a modified copy to continue from).
     """
+    algo.check_grid(sigmas)
     n_int = len(sigmas) - 1
     t = [sigmas[i : i + 1] for i in range(len(sigmas))]
     lo, hi = float(sigmas[-1].detach()), float(sigmas[0].detach())
