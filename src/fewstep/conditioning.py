@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import ConditionError
+from .frames import frame_of
 from .models.registry import CondDenoiser, Denoiser, ModelInfo
 
 KINDS = ("none", "classes", "prompts")
@@ -62,6 +63,7 @@ class ClassifierFreeGuidance:
 
     def __init__(self, denoiser: CondDenoiser, cond: torch.Tensor, guidance: float, null: torch.Tensor):
         self.denoiser, self.cond, self.null, self.guidance = denoiser, cond, null, float(guidance)
+        self.frame = frame_of(denoiser)  # guidance on a flow model's D is guidance on its velocity
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

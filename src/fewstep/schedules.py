@@ -18,6 +18,7 @@ import torch
 
 from .ays import ays
 from .errors import ModelError, ScheduleError
+from .flow import dynamic_mu, flow_grid, oss_grid, parse_flow_arg
 from .io import write_json
 
 DEFAULT_SIGMA_MIN = 0.002
@@ -232,7 +233,32 @@ def _ays(num_steps: int | None, sigma_min: float, sigma_max: float, table: str |
     return check_schedule(ays(num_steps, sigma_min, sigma_max, model, table), "ays schedule")
 
 
-_ARG_SCHEDULES = {"gits": _gits, "ays": _ays}  # schedules taking an argument: 'gits:FILE', 'ays:TABLE'
+def _flow(num_steps: int | None, sigma_min: float, sigma_max: float, arg: str | None, model: object) -> torch.Tensor:
+    """A flow pipeline's grid on the model's flow-time range: 'flow:shift=3', 'flow:mu=1.15[,type=linear]',
+    'flow:dynamic' (Flux's μ from the model's latent size, 2×2 patches), '…,terminal=0.1', '…,spacing=karras'."""
+    if num_steps is None:
+        raise ScheduleError("schedule 'flow' needs num_steps")
+    _check_range(num_steps, sigma_min, sigma_max)
+    options = parse_flow_arg(arg or "")
+    if options.pop("dynamic", False):
+        shape = getattr(model, "shape", None)
+        if not shape or len(shape) < 2:
+            raise ScheduleError("'flow:dynamic' needs a model with an image shape [C, H, W] (its token count)")
+        options["mu"] = dynamic_mu(int(shape[-1]) * int(shape[-2]) // 4)
+    return check_schedule(flow_grid(num_steps, sigma_min, sigma_max, **options), "flow schedule")
+
+
+def _oss(num_steps: int | None, sigma_min: float, sigma_max: float, table: str | None, model: object) -> torch.Tensor:
+    """An Optimal-Steps flow table ('oss:flux', 'oss:wan') interpolated to num_steps points."""
+    if num_steps is None or num_steps < 2:
+        raise ScheduleError(f"schedule 'oss' needs num_steps >= 2, got {num_steps!r}")
+    if not table:
+        raise ScheduleError("schedule 'oss' needs its table: 'oss:flux' or 'oss:wan'")
+    return check_schedule(oss_grid(num_steps, table), "oss schedule")
+
+
+# schedules taking an argument: 'gits:FILE', 'ays:TABLE', 'flow:OPTIONS', 'oss:TABLE'
+_ARG_SCHEDULES = {"gits": _gits, "ays": _ays, "flow": _flow, "oss": _oss}
 SCHEDULE_NAMES = (*_SCHEDULES, "custom", *_ARG_SCHEDULES)
 DEFAULT_RHO = {"polynomial": 7.0, "time_uniform": 1.0}
 
@@ -255,7 +281,9 @@ def get_schedule(
     `discrete` takes a `model` exposing `sigma_table`. `gits` reads a schedule file (`path`, or the name
     'gits:FILE'; made by `fewstep gits`), checked against num_steps and [sigma_min, sigma_max] (or the `model`'s
     range); `ays` interpolates an Align-Your-Steps table (`table`, or the name 'ays:sd15' / 'ays:sdxl', or the
-    `model`'s `ays_table`) to num_steps points.
+    `model`'s `ays_table`) to num_steps points. Flow models (flow time t ∈ (0, 1] as σ): `flow:OPTIONS` is the
+    pipelines' shifted grid (fewstep.flow.flow_grid), `oss:flux` / `oss:wan` the Optimal-Steps tables; the other
+    schedules apply to t over the model's range as they do to σ (polynomial = Karras spacing in t).
     """
     if hasattr(num_steps, "__index__") and not isinstance(num_steps, bool):
         num_steps = operator.index(num_steps)  # numpy / torch integers count too
@@ -265,7 +293,8 @@ def get_schedule(
             raise ScheduleError(f"schedule {name!r} takes no rho")
         return _ARG_SCHEDULES[name](num_steps, float(sigma_min), float(sigma_max), arg or path or table, model)
     if arg:
-        raise ScheduleError(f"schedule {name!r} takes no ':' argument (only 'gits:FILE' and 'ays:TABLE' do)")
+        raise ScheduleError(f"schedule {name!r} takes no ':' argument (only 'gits:FILE', 'ays:TABLE', "
+                            "'flow:OPTIONS' and 'oss:TABLE' do)")
     if name == "custom":
         if sigmas is None:
             raise ScheduleError("the 'custom' schedule needs `sigmas=` (a strictly decreasing list)")

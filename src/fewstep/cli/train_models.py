@@ -33,6 +33,8 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         arch["blocks_per_level"] = args.blocks
     if args.conditional:
         arch["num_classes"] = 10
+    if args.flow:
+        arch["parameterization"] = "flow"
     cfg = UNetTrainConfig(iters=args.iters, batch=args.batch, lr=args.lr, warmup=args.warmup, lr_decay=args.lr_decay,
                           ema_decay=args.ema, augment_shift=args.augment_shift, seed=args.seed,
                           ckpt_every=args.ckpt_every, threads=args.threads, p_uncond=args.p_uncond,
@@ -73,6 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Train the EDM-preconditioned digits U-Net with the EDM loss and EMA weights. Checkpoints go to "
                     "OUT/checkpoint.pt; running the same command again resumes from it. At the end the EMA weights "
                     "are written to OUT/digits_unet.safetensors (load with fewstep.models.unet.load_unet(path)). "
+                    "digits-flow: --conditional --flow --init-from digits-cond --p-mean 0 --p-std 1 --iters 2000 --lr 1e-3 "
+                    "--warmup 100 --lr-decay 1000; "
                     "digits-cond: --conditional --init-from digits --iters 2000 --lr 1e-3 --warmup 100 --lr-decay 1000 "
                     "--p-mean -0.2 --p-std 1.4 (data/digits_cond_unet.json).")
     d = UNetTrainConfig()
@@ -95,6 +99,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=positive_int, help=f"image size (default {DEFAULT_CONFIG['resolution']})")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net (10 classes + null label 10; the digits-cond model)")
+    p.add_argument("--flow", action="store_true",
+                   help="rectified-flow velocity network trained by flow matching with logit-normal t "
+                        "(the digits-flow model; --p-mean/--p-std then set the logit-normal's mean and std)")
     p.add_argument("--p-uncond", type=float_in(0, 1), default=d.p_uncond,
                    help=f"condition dropout probability with --conditional (default {d.p_uncond})")
     p.add_argument("--p-mean", type=float, default=d.p_mean,
@@ -104,7 +111,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"std of ln sigma in the loss (default {d.p_std})")
     p.add_argument("--class-lr-mult", type=float_in(0), default=d.class_lr_mult,
                    help=f"learning-rate factor of the class embedding with --conditional (default {d.class_lr_mult})")
-    p.add_argument("--init-from", help="start from these weights ('digits' = the shipped unconditional U-Net); "
+    p.add_argument("--init-from", help="start from these weights ('digits' / 'digits-cond' = the shipped U-Nets); "
                    "a new class embedding starts at zero")
     p.add_argument("--seed", type=seed_int, default=d.seed, help="random seed (default 0)")
     p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import FewstepError
 from ..io import atomic_write, write_json
 from .digits import digits_split, random_shift
-from .unet import DEFAULT_CONFIG, DIGITS_WEIGHTS, DigitsUNet, load_unet, num_parameters, save_unet
+from .unet import DEFAULT_CONFIG, DIGITS_COND_WEIGHTS, DIGITS_WEIGHTS, DigitsUNet, load_unet, num_parameters, save_unet
 
 # ----------------------------------------------------------------------------------------------------- training
 
@@ -71,6 +71,17 @@ def edm_loss(net: DigitsUNet, x0: torch.Tensor, gen: torch.Generator, p_mean: fl
     return (weight[:, None, None, None] * (denoised - x0) ** 2).mean()
 
 
+def flow_loss(net: DigitsUNet, x0: torch.Tensor, gen: torch.Generator, p_mean: float, p_std: float,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Conditional flow matching (rectified flow, as SD3 trains): x_t = (1 − t)·x₀ + t·ε with logit-normal
+    t = sigmoid(N(p_mean, p_std²)), loss ‖v(x_t, t) − (ε − x₀)‖²."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen) * p_std + p_mean)
+    noise = torch.randn(x0.shape, generator=gen)
+    tb = t[:, None, None, None]
+    v = net((1 - tb) * x0 + tb * noise, t, labels)
+    return ((v - (noise - x0)) ** 2).mean()
+
+
 def _lr_at(cfg: UNetTrainConfig, it: int) -> float:
     """Linear warm-up, then constant, then inverse-square-root decay (independent of the total, so a run can be
     extended by resuming with a larger --iters)."""
@@ -87,7 +98,8 @@ def _ema_decay_at(cfg: UNetTrainConfig, it: int) -> float:
 def _init_weights(net: DigitsUNet, source: str) -> None:
     """Load every tensor of the weights file `source` ('digits' = shipped) into `net`; only a class embedding
     the source lacks may stay as initialised (zero)."""
-    src = load_unet(DIGITS_WEIGHTS if source == "digits" else source)
+    src = load_unet(DIGITS_WEIGHTS if source == "digits" else DIGITS_COND_WEIGHTS if source == "digits-cond"
+                    else source)
     missing, unexpected = net.load_state_dict(src.state_dict(), strict=False)
     if unexpected or any(not k.startswith("class_embed.") for k in missing):
         raise FewstepError(f"--init-from {source}: architecture differs (missing {missing}, unexpected {unexpected})")
@@ -159,7 +171,7 @@ def train_unet(out: str | Path, cfg: UNetTrainConfig, progress: bool = True, log
             y = torch.where(drop, torch.full_like(labels[idx], net.num_classes), labels[idx])
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, it) * g["lr_mult"]
-        loss = edm_loss(net, x0, gen, cfg.p_mean, cfg.p_std, y)
+        loss = (flow_loss if net.flow else edm_loss)(net, x0, gen, cfg.p_mean, cfg.p_std, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in net.parameters():

@@ -14,6 +14,12 @@ Class-conditional variant (`num_classes` = K > 0, the `digits-cond` model): a le
 embedding; it is initialised to zero, so a fine-tune from unconditional weights starts at the unconditional model.
 `net(x, sigma, class_labels)` takes int64 labels [B] (None = all ∅).
 
+Rectified-flow variant (`parameterization` = "flow", the `digits-flow` model): the same U-Net is the bare
+velocity network v(x_t, t) of x_t = (1 − t)·x₀ + t·ε (docs/maths.md, flow-matching models): no preconditioning,
+its time t ∈ [0, 1] enters the embedding as c_noise = 2.6·t − 1.5, an affine map onto the range that EDM's
+¼·ln σ spans over σ ∈ [0.002, 80], so a fine-tune from EDM weights starts with a familiar embedding.
+`fewstep.models.flow.FlowDenoiser` turns it into a denoiser.
+
 All arithmetic runs in float32; the output has the dtype of the input x.
 """
 
@@ -45,7 +51,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "dropout": 0.0,
     "sigma_data": SIGMA_DATA,
     "num_classes": 0,  # > 0: class-conditional with a null label at index num_classes
+    "parameterization": "edm",  # "edm": net(x, σ) = D(x, σ); "flow": net(x_t, t) = velocity v(x_t, t)
 }
+PARAMETERIZATIONS = ("edm", "flow")
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> tuple[torch.Tensor, ...]:
@@ -107,7 +115,8 @@ class Bottleneck(nn.Module):
 
 
 class DigitsUNet(nn.Module):
-    """EDM-preconditioned U-Net: `net(x, sigma)` with x [B, C, H, W] and σ [B] (or a scalar) returns D(x, σ)."""
+    """EDM-preconditioned U-Net: `net(x, sigma)` with x [B, C, H, W] and σ [B] (or a scalar) returns D(x, σ);
+    with `parameterization="flow"`, `net(x_t, t)` returns the velocity v(x_t, t)."""
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__()
@@ -116,7 +125,10 @@ class DigitsUNet(nn.Module):
         if unknown:
             raise ModelError(f"unknown U-Net config keys: {sorted(unknown)}")
         cfg["channels"] = [int(c) for c in cfg["channels"]]
+        if cfg["parameterization"] not in PARAMETERIZATIONS:
+            raise ModelError(f"U-Net parameterization {cfg['parameterization']!r} not in {list(PARAMETERIZATIONS)}")
         self.config = cfg
+        self.flow = cfg["parameterization"] == "flow"
         chs, nb, emb_dim = cfg["channels"], int(cfg["blocks_per_level"]), int(cfg["emb_dim"])
         groups, dropout = int(cfg["groups"]), float(cfg["dropout"])
         self.patch = int(cfg["patch"])
@@ -187,7 +199,8 @@ class DigitsUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """D(x, σ) (or D(x, σ, c) for a class-conditional net; labels [B], value num_classes = ∅)."""
+        """D(x, σ) (or D(x, σ, c) for a class-conditional net; labels [B], value num_classes = ∅); for a flow net
+        `sigma` is the flow time t and the result the velocity v(x_t, t)."""
         if class_labels is not None:
             if self.num_classes == 0:
                 raise ModelError("class labels given to an unconditional U-Net")
@@ -202,6 +215,10 @@ class DigitsUNet(nn.Module):
             s = s.expand(x.shape[0])
         if s.numel() != x.shape[0]:
             raise ModelError(f"sigma has {s.numel()} entries for a batch of {x.shape[0]}")
+        if self.flow:
+            c_noise = 2.6 * s - 1.5
+            v = self.raw(xf, c_noise) if class_labels is None else self.raw(xf, c_noise, class_labels)
+            return v.to(dtype)
         c_skip, c_out, c_in, c_noise = edm_coefficients(s, self.sigma_data)
         bc = (-1,) + (1,) * (x.ndim - 1)
         x_in = xf * c_in.reshape(bc)
@@ -220,6 +237,8 @@ DIGITS_WEIGHTS = DATA_DIR / "digits_unet.safetensors"
 DIGITS_CARD = DATA_DIR / "digits_unet.json"
 DIGITS_COND_WEIGHTS = DATA_DIR / "digits_cond_unet.safetensors"
 DIGITS_COND_CARD = DATA_DIR / "digits_cond_unet.json"
+DIGITS_FLOW_WEIGHTS = DATA_DIR / "digits_flow_unet.safetensors"
+DIGITS_FLOW_CARD = DATA_DIR / "digits_flow_unet.json"
 
 
 def save_unet(path: str | os.PathLike, net: DigitsUNet, state: dict[str, torch.Tensor] | None = None,
