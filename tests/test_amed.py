@@ -11,27 +11,36 @@ import torch
 
 import fewstep
 from fewstep.amed.checkpoint import CheckpointError, load_checkpoint, sample_checkpoint, save_checkpoint
-from fewstep.amed.predictor import AMEDPredictor
+from fewstep.amed.predictor import AMEDPredictor, Control
+from fewstep.amed.solver import AMEDPlugin
 from fewstep.amed.train import TrainConfig, train
 from fewstep.models import load_model
-from fewstep.solvers import Control, Evaluator, get_solver, integrate
+from fewstep.solvers import Evaluator, get_solver, integrate
 from fewstep.solvers.base import midpoint_sigma
 
 GMM = load_model("gmm")
 NOISE = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
-def fixed_controller(r: float, c: float = 1.0, a: float = 1.0):
-    def control(node, t_cur, t_next):
-        one = torch.ones(node.x.shape[0], dtype=torch.float64)
-        return Control(one * r, one * c, one * a)
+class fixed_controller:  # noqa: N801  (reads as the call it replaces)
+    """A predictor choosing the same (r, c, a) for every interval and sample."""
 
-    return control
+    feature_dim = 64
+
+    def __init__(self, r: float, c: float = 1.0, a: float = 1.0):
+        self.r, self.c, self.a = r, c, a
+
+    def control(self, features, t_cur, t_next):
+        one = torch.ones(features.shape[0], dtype=torch.float64)
+        return Control(one * self.r, one * self.c, one * self.a)
 
 
 def run(solver: str, sigmas: torch.Tensor, controller=None, afs: bool = False, **options) -> tuple[torch.Tensor, int]:
     ev = Evaluator(GMM.denoiser)
-    x = integrate(get_solver(solver, **options), ev, NOISE * float(sigmas[0]), sigmas, afs=afs, controller=controller)
+    algo = get_solver(solver, **options)
+    if controller is not None:
+        algo = AMEDPlugin(algo, controller)
+    x = integrate(algo, ev, NOISE * float(sigmas[0]), sigmas, afs=afs)
     return x, ev.calls
 
 
@@ -103,6 +112,36 @@ def test_predictor_adds_no_nfe_and_heun_has_no_plugin():
         fewstep.nfe("heun", 4, amed=True)
     with pytest.raises(fewstep.SolverError, match="heun"):
         fewstep.sample(GMM.denoiser, NOISE, "heun", fewstep.get_schedule("polynomial", 4), predictor=p)
+
+
+@pytest.mark.parametrize("solver, options", [("ipndm", {"max_order": 3}), ("unipc", {}), ("amed", {})])
+def test_plugin_is_a_solver_and_the_old_keywords_still_work(solver, options):
+    """`AMEDPlugin(base, predictor)` goes to `sample` like any solver; `predictor=` with the base's name gives the
+    same samples bit for bit, with a DeprecationWarning (for one release)."""
+    torch.manual_seed(1)
+    p = AMEDPredictor(0.1, 0.2)
+    sched = fewstep.get_schedule("polynomial", 5)
+    plugin = AMEDPlugin(get_solver(solver, **options), p)
+    with torch.no_grad():
+        x = fewstep.sample(GMM.denoiser, NOISE, plugin, sched, afs=True)
+    with pytest.warns(DeprecationWarning, match="AMEDPlugin"):
+        old = fewstep.sample(GMM.denoiser, NOISE, solver, sched, afs=True, predictor=p, **options)
+    assert torch.equal(x, old)
+    assert fewstep.nfe(plugin, 5, afs=True) == 7
+    base = get_solver(solver, **options).describe()
+    assert plugin.describe() == ("AMED-Solver" if solver == "amed" else f"AMED-Plugin[{base}]")
+
+
+def test_plugin_refuses_bases_it_cannot_wrap():
+    with pytest.raises(fewstep.SolverError, match="heun has no AMED-Plugin"):
+        AMEDPlugin(get_solver("heun"), AMEDPredictor())
+    from fewstep.learned import LearnedSolver
+
+    card = LearnedSolver("euler", {}, fewstep.get_schedule("polynomial", 4), afs=False)
+    with pytest.raises(fewstep.SolverError, match="card:DIR"):
+        AMEDPlugin(card, AMEDPredictor())
+    with pytest.raises(fewstep.SolverError, match="no predictor"):
+        fewstep.sample(GMM.denoiser, NOISE, AMEDPlugin(get_solver("euler")), fewstep.get_schedule("polynomial", 4))
 
 
 def small_config(**kw) -> TrainConfig:

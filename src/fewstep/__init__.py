@@ -1,10 +1,11 @@
 """fewstep: sample pretrained diffusion models in 3–10 steps (AMED and the classic fast ODE solvers)."""
 
 from . import models
+from .api import nfe, num_steps_for_nfe, sample
 from .errors import DenoiserError, FewstepError, ModelError, ScheduleError, SolverError
 from .learned import load_solver
 from .schedules import check_schedule, get_schedule
-from .solvers import SOLVERS, nfe, num_steps_for_nfe, sample
+from .solvers import SOLVERS
 
 __version__ = "0.1.0"
 

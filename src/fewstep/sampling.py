@@ -34,6 +34,7 @@ from .models.registry import ModelInfo
 from .noise import parse_seeds, seeded_noise
 from .schedules import get_schedule
 from .solvers import get_solver, nfe, num_steps_for_nfe, sample
+from .solvers import resolve as resolve_solver
 
 
 @dataclass
@@ -161,9 +162,9 @@ def run_sample_job(job: SampleJob) -> int:
         predictor, settings = load_checkpoint(job.predictor, model)
         if job.guidance is None and settings.conditions:
             job.guidance = ConditionSpec.from_json(settings.conditions).guidance
-        solver, sched, afs = settings.student, settings.schedule_tensor(), settings.afs
+        solver, sched, afs = settings.solver(predictor, model.bottleneck), settings.schedule_tensor(), settings.afs
         schedule = {"name": settings.schedule, "rho": settings.rho}
-        kwargs = {**settings.student_options, "predictor": predictor, "bottleneck": model.bottleneck}
+        kwargs = {}
     else:
         solver, afs, kwargs = job.solver, job.afs, dict(job.options)
         steps = job.num_steps
@@ -187,11 +188,10 @@ def run_sample_job(job: SampleJob) -> int:
                                    card={"fingerprint": file_fingerprint(Path(card_path) / "card.json"),
                                          "label": card.label})
     else:
-        given = {k: v for k, v in kwargs.items() if k not in ("predictor", "bottleneck")}
-        algo = get_solver(solver, **given)
-        options = {k: getattr(algo, k) for k in algo.options}  # defaults filled in
-        manifest = sample_manifest(model, solver, options, sched.tolist(), afs,
-                                   nfe(solver, len(sched), afs=afs, amed=job.predictor is not None, **options),
+        algo = resolve_solver(solver, kwargs)
+        base = algo.base if job.predictor is not None else algo
+        options = {k: getattr(base, k) for k in base.options}  # defaults filled in
+        manifest = sample_manifest(model, base.name, options, sched.tolist(), afs, nfe(algo, len(sched), afs=afs),
                                    "float64", schedule=schedule, conditions=spec.to_json(),
                                    device=str(model.device), **_predictor_record(job.predictor))
     out = Path(job.out)
@@ -208,7 +208,9 @@ def run_sample_job(job: SampleJob) -> int:
         chunk = todo[i : i + job.batch]
         # conditions per seed (docs/maths.md, "Conditions and guidance")
         denoiser = conditioned_model(model, spec, chunk).denoiser
-        x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), solver, sched, afs=afs, **kwargs)
+        with torch.no_grad():
+            x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), solver, sched, afs=afs,
+                       **kwargs)
         for seed, img in zip(chunk, to_uint8(x)):
             save_png(out / f"{seed:06d}.png", img, upscale)
             written += 1

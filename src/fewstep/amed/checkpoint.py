@@ -19,8 +19,9 @@ from ..errors import FewstepError, ModelError
 from ..io import atomic_write, write_json
 from ..models.registry import ModelInfo
 from ..schedules import get_schedule
-from ..solvers import get_solver, sample
+from ..solvers import get_solver, nfe, sample
 from .predictor import AMEDPredictor
+from .solver import AMEDPlugin
 
 WEIGHTS = "predictor.safetensors"
 SETTINGS = "amed.json"
@@ -56,11 +57,13 @@ class SamplingSettings:
     predictor: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
+    def solver(self, predictor: AMEDPredictor | None = None, bottleneck: torch.nn.Module | None = None) -> AMEDPlugin:
+        """The AMED-Plugin of the recorded student with `predictor` (None: to count its NFE)."""
+        return AMEDPlugin(get_solver(self.student, **self.student_options), predictor, bottleneck)
+
     @property
     def nfe(self) -> int:
-        from ..solvers import nfe
-
-        return nfe(self.student, self.num_steps, afs=self.afs, amed=True, **self.student_options)
+        return nfe(self.solver(), self.num_steps, afs=self.afs)
 
     @property
     def label(self) -> str:
@@ -239,5 +242,6 @@ def sample_checkpoint(model: ModelInfo, noise: torch.Tensor, predictor: AMEDPred
     settings.check_model(model)
     if tuple(noise.shape[1:]) != tuple(model.shape):
         raise ModelError(f"noise shape {tuple(noise.shape[1:])} does not match model shape {model.shape}")
-    return sample(model.denoiser, noise, settings.student, settings.schedule_tensor(), afs=settings.afs,
-                  predictor=predictor, bottleneck=model.bottleneck, **settings.student_options, **kwargs)
+    with torch.no_grad():
+        return sample(model.denoiser, noise, settings.solver(predictor, model.bottleneck), settings.schedule_tensor(),
+                      afs=settings.afs, **kwargs)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..solvers.base import Control, Node
 from .features import FEATURE_DIM
 
 R_MARGIN = 1e-3
+
+
+@dataclass(frozen=True)
+class Control:
+    """AMED's per-interval choice: intermediate time ratio r, direction scale c, model-time scale a ([B] or [1])."""
+
+    r: torch.Tensor
+    c: torch.Tensor
+    a: torch.Tensor
 
 
 def positional_embedding(v: torch.Tensor, channels: int = 8, max_period: float = 10_000.0) -> torch.Tensor:
@@ -59,13 +68,11 @@ class AMEDPredictor(nn.Module):
         a = one if self.head_a is None else 1 + self.scale_time * _symmetric(self.head_a(h))
         return Control(r, c, a)
 
-    def control(self, node: Node, t_cur: torch.Tensor, t_next: torch.Tensor) -> Control:
-        """The driver's controller: read the node's features (zeros when AFS skipped the call)."""
-        feats = node.features
-        if feats is None:
-            feats = torch.zeros(node.x.shape[0], self.feature_dim, device=node.x.device)
+    def control(self, features: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> Control:
+        """The choice for one interval of a run (`AMEDPlugin`): features [B, F] of the node at t_cur, on any
+        device; the result lives on t_cur's device, where the σ arithmetic runs."""
         p = next(self.parameters())
-        out = self(feats.to(p.device, p.dtype), t_cur.to(p.device), t_next.to(p.device))
+        out = self(features.to(p.device, p.dtype), t_cur.to(p.device), t_next.to(p.device))
         return Control(*(v.to(t_cur.device) for v in (out.r, out.c, out.a)))  # σ arithmetic stays with t
 
     def config(self) -> dict[str, float | int]:

@@ -4,7 +4,7 @@ The improved recipes change three things, each measured in benchmarks/amed_bench
 teacher (DEIS-tAB order 4 with M = 15 inserted points instead of Heun/iPNDM with M = 1–2: distilling a teacher
 that is itself 0.1 RMSE off caps the student), an end-to-end term on the final state added to the paper's
 per-interval loss, and a wider direction-scale bound s_dir = 0.1. The `-gits` recipes also replace the fixed
-main grid by a GITS schedule searched for the model (issue 7), which AMED then refines with its learned points.
+main grid by a GITS schedule searched for the model, which AMED then refines with its learned points.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import FewstepError
-from ..solvers import num_steps_for_nfe
+from ..solvers import get_solver, num_steps_for_nfe
+from .solver import AMEDPlugin
 from .train import TrainConfig
 
 _FINE_TEACHER: dict[str, Any] = {"teacher": "deis", "teacher_options": {"max_order": 4}, "M": 15}
@@ -44,11 +45,11 @@ def recipe(name: str, nfe: int, **overrides: Any) -> TrainConfig:
         raise FewstepError(f"unknown AMED recipe {name!r}; choose one of {', '.join(RECIPES)}")
     fields = {**RECIPES[name], **overrides}
     fields["student_options"] = dict(fields.get("student_options", {}))
-    steps = num_steps_for_nfe(fields["student"], nfe, afs=fields.get("afs", False), amed=True,
-                              **fields["student_options"])
+    plugin = AMEDPlugin(get_solver(fields["student"], **fields["student_options"]))
+    steps = num_steps_for_nfe(plugin, nfe, afs=fields.get("afs", False))
     if steps is None and fields.get("afs") and "afs" not in overrides:
         fields["afs"] = False
-        steps = num_steps_for_nfe(fields["student"], nfe, amed=True, **fields["student_options"])
+        steps = num_steps_for_nfe(plugin, nfe)
     if steps is None:
         raise FewstepError(f"recipe {name!r} cannot use exactly {nfe} NFE (AFS={fields.get('afs', False)})")
     return TrainConfig(num_steps=steps, **fields)

@@ -34,6 +34,7 @@ from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solv
 from .checkpoint import SamplingSettings, check_no_predictor, model_identity, resume_state, save_checkpoint
 from .features import feature_source
 from .predictor import AMEDPredictor
+from .solver import AMEDPlugin
 
 TRAIN_SEED_BASE = 1_000_000  # training noise seeds start here: disjoint from evaluation seeds 0, 1, …
 SINGLE_STEP = ("amed", "dpm2", "euler")
@@ -140,15 +141,15 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
     teacher's state (teacher forcing), and with the `step` loss every interval's graph is cut at its grid point.
     Returns the final state, the per-interval losses and the controls used (for the progress bar).
     """
-    student = get_solver(cfg.student, **cfg.student_options)
     ev = Evaluator(model.denoiser, features=features)
     forcing = cfg.student in SINGLE_STEP
     per_step = cfg.loss in ("step", "step+e2e")
     losses, controls = [], []
 
-    def control(node: Node, t_cur: torch.Tensor, t_next: torch.Tensor) -> Any:
-        controls.append(predictor.control(node, t_cur, t_next))
-        return controls[-1]
+    class Recorded(AMEDPlugin):  # the plugin, keeping every choice for the progress bar
+        def control(self, node: Node, t_next: torch.Tensor) -> Any:
+            controls.append(super().control(node, t_next))
+            return controls[-1]
 
     def evaluate(req: ModelRequest) -> Node:
         x = targets[req.index] if forcing and req.grid_point else req.x  # teacher forcing: restart from the teacher
@@ -166,7 +167,8 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
             return replace(point, x=point.x.detach(), hist=_detached(point.hist))
         return None
 
-    x = answer(run(student, targets[0], sigmas, afs=cfg.afs, controller=control), evaluate, on_grid_point)
+    student = Recorded(get_solver(cfg.student, **cfg.student_options), predictor)
+    x = answer(run(student, targets[0], sigmas, afs=cfg.afs), evaluate, on_grid_point)
     if cfg.loss in ("e2e", "step+e2e"):
         (x - targets[-1]).pow(2).reshape(x.shape[0], -1).sum(1).mean().backward()
     return x, losses, controls

@@ -22,7 +22,8 @@ try:
 except ImportError as e:  # pragma: no cover - the optional extra is missing
     raise ImportError("fewstep.integrations.diffusers needs diffusers: pip install 'fewstep[diffusers]'") from e
 
-from ..amed.features import generic_features, reduce_to_features
+from ..amed.features import reduce_to_features
+from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
 from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, timestep_to_sigma
 from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, nfe, run, solver_dtype
@@ -144,15 +145,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(afs=self._card.afs)
         else:
             self._algo = get_solver(self.config.solver, **self._solver_options)
-            nfe(self.config.solver, 2, amed=self.predictor is not None, **self._solver_options)  # heun has no AMED
-        self.order = self._order()
+            if self.predictor is not None:
+                self._algo = AMEDPlugin(self._algo, self.predictor)
+        self.order = self._algo.evals_per_step
         self._grid = None
         self._timestep_plans: dict[tuple, torch.Tensor] = {}
         self._reset()
         return self
-
-    def _order(self) -> int:
-        return 2 if (self.predictor is not None or self._algo.evals_per_step == 2) else 1
 
     @property
     def sigma_table(self) -> torch.Tensor:
@@ -253,7 +252,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = ts.to(device)
         self.sigmas = torch.cat([grid, grid.new_zeros(int(dtz))]).to(device=device, dtype=torch.float32)
         self.num_inference_steps = len(grid) - 1 + int(dtz)
-        self.order = self._order()
+        self.order = self._algo.evals_per_step
         if self.predictor is not None:
             self._install_hooks()
 
@@ -271,9 +270,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
         with torch.no_grad():
             answer(self._start(torch.zeros(1, 1)), record)
-        expected = (self._card.nfe + int(self._dtz) if self._card is not None else
-                    nfe(self.config.solver, len(self._grid), afs=self.config.afs, denoise_to_zero=self._dtz,
-                        amed=self.predictor is not None, **self._solver_options))
+        expected = nfe(self._algo, len(self._grid), afs=self.config.afs, denoise_to_zero=self._dtz)
         assert len(asked) == expected, f"internal: {len(asked)} evaluations, nfe() says {expected}"
         ts = self._table.timesteps(torch.cat(asked))
         if self.predictor is None:
@@ -307,10 +304,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     # -------------------------------------------------------------------------------------------- driving
 
     def _start(self, x_T: torch.Tensor) -> Any:
-        """fewstep.sample's driver on the grid from the state x_T at σ_0 (predictor, AFS, denoise_to_zero)."""
-        controller = self.predictor.control if self.predictor is not None else None
-        return run(self._algo, x_T, self._grid, afs=self.config.afs, controller=controller,
-                   denoise_to_zero=self._dtz)
+        """fewstep.sample's driver on the grid from the state x_T at σ_0 (AFS, denoise_to_zero)."""
+        return run(self._algo, x_T, self._grid, afs=self.config.afs, denoise_to_zero=self._dtz)
 
     def _check_ready(self) -> None:
         if self._grid is None:
@@ -376,15 +371,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if model_output.shape[0] != b:
             raise SolverError(f"step() got a model output of batch {model_output.shape[0]} for a state of batch {b} "
                               "(combine the guidance branches before step(), as diffusers' pipelines do)")
-        features = None
-        if self.predictor is not None:
+        features = None  # without a mid_block the plugin reads the denoised estimate
+        if self.predictor is not None and getattr(self.unet, "mid_block", None) is not None:
             captured = self._captured
-            if self.unet is not None and getattr(self.unet, "mid_block", None) is not None:
-                if captured is None or captured.shape[0] % b:
-                    raise SolverError("the unet's mid_block produced no output of the expected batch during this step")
-                features = lambda x, d: reduce_to_features(captured[-b:])
-            else:
-                features = generic_features
+            if captured is None or captured.shape[0] % b:
+                raise SolverError("the unet's mid_block produced no output of the expected batch during this step")
+            features = lambda x, d: reduce_to_features(captured[-b:])
         out = model_output
         ev = Evaluator(lambda x, s: self._table.denoised(x, s, out),
                        self.config.dynamic_thresholding_ratio if self.config.thresholding else None, features)

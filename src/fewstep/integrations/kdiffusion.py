@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..amed.features import feature_source
+from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
 from ..schedules import check_schedule
 from ..solvers import SOLVERS, Evaluator, GridPoint, ModelRequest, Node, Solver, answer, get_solver, run, solver_dtype
@@ -46,6 +46,8 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
     extra_args = {} if extra_args is None else extra_args
     driver = {k: options.pop(k) for k in _DRIVER_OPTIONS if k in options}
     algo = solver if isinstance(solver, Solver) else get_solver(solver, **options)
+    if driver.get("predictor") is not None:
+        algo = AMEDPlugin(algo, driver["predictor"], driver.get("bottleneck"))
     user_sigmas = sigmas
     grid = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
     denoise_to_zero = bool(grid.numel() >= 2 and grid[-1] == 0)
@@ -53,7 +55,6 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
         grid = grid[:-1]
     if not (denoise_to_zero and grid.numel() == 1):  # [σ, 0] is a single denoising call
         grid = check_schedule(grid, "sigmas")
-    predictor = driver.get("predictor")
     threshold = driver.get("threshold_ratio", 0.995) if driver.get("thresholding", False) else None
     progress = disable is False or (disable is None and sys.stderr.isatty())
 
@@ -79,12 +80,11 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
         return node
 
     state = x.to(solver_dtype(x))
-    with (feature_source(driver.get("bottleneck")) as features, torch.no_grad(),
+    with (algo.node_features() as features, torch.no_grad(),
           tqdm(total=last, disable=not progress, desc=algo.name, leave=False) as bar):
-        ev = Evaluator(denoiser, threshold, features=features if predictor is not None else None)
+        ev = Evaluator(denoiser, threshold, features)
         if len(grid) > 1:
-            steps = run(algo, state, grid, afs=algo.resolve_afs(driver.get("afs")), denoise_to_zero=denoise_to_zero,
-                        controller=predictor.control if predictor is not None else None)
+            steps = run(algo, state, grid, afs=algo.resolve_afs(driver.get("afs")), denoise_to_zero=denoise_to_zero)
             state = answer(steps, evaluate, on_grid_point)
         else:  # [σ, 0]: a single denoising call
             state = evaluate(ModelRequest(state, grid, grid, 0, grid_point=True)).denoised

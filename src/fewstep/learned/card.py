@@ -18,6 +18,7 @@ import torch
 
 from ..errors import FewstepError
 from ..io import write_json
+from ..solvers import get_solver, nfe
 from .solver import BASES, LearnedSolver
 
 CARD_FILE = "card.json"
@@ -52,7 +53,7 @@ class Card:
 
     @property
     def nfe(self) -> int:
-        return len(self.sigmas) - 1 - int(self.afs)
+        return nfe(get_solver(self.base, **self.base_options), self.num_steps, afs=self.afs)
 
     @property
     def label(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import SolverError
+from ..solvers import nfe
 from ..solvers.base import Node, Solver, StepInfo, bcast, get_solver
 
 # Bases whose every interval costs one model call (the card's NFE is then N − AFS).
@@ -50,6 +51,7 @@ class LearnedSolver(Solver):
         self.offsets, self.weights, self.coeffs, self.afs_shift = offsets, weights, coeffs, afs_shift
         window = max((m.shape[1] for m in (weights, coeffs) if m is not None), default=0)
         self.history = max(self.base.history, window)
+        self.evals_per_step = self.base.evals_per_step
         self.corrects = self.base.corrects
         self.recommended_schedule = self.base.recommended_schedule
         # Skip zero terms at sampling time (bit-exact base); while training every term stays in the graph.
@@ -59,7 +61,7 @@ class LearnedSolver(Solver):
 
     @property
     def nfe(self) -> int:
-        return len(self.grid) - 1 - int(self.afs)
+        return nfe(self, len(self.grid), afs=self.afs)
 
     def describe(self) -> str:
         return self.label or f"learned {self.base.describe()}"
@@ -125,6 +127,3 @@ class LearnedSolver(Solver):
             return x_new
         delta = self.correction(x_prev, hist[:-1], hist[-1].sigma, info.index)
         return x_c if delta is None else x_c + delta
-
-    def amed_step(self, x, hist, t_next, info, control):
-        raise SolverError("a learned card takes no AMED predictor (train AMED on its grid: --schedule card:DIR)")

@@ -35,7 +35,7 @@ from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
-from ..solvers import SOLVERS, Evaluator, get_solver, integrate, sample
+from ..solvers import SOLVERS, Evaluator, get_solver, integrate, num_steps_for_nfe, sample
 from ..solvers.base import Denoiser
 from .card import PARAMETER_FAMILIES, Card, save_card
 from .solver import BASES, LearnedSolver
@@ -102,7 +102,7 @@ class LearnConfig:
 
     @property
     def num_intervals(self) -> int:
-        return self.nfe + int(self.afs)  # every base costs one call per interval
+        return num_steps_for_nfe(self.base, self.nfe, self.afs, **self.base_options) - 1
 
 
 class CardParameters(torch.nn.Module):

@@ -5,13 +5,14 @@ only through *nodes* (σ, x, D) that the driver (`fewstep.solvers.driver.run`) r
 implements `step` (one interval t_n → t_{n+1}) and, for predictor–corrector methods, `correct`. A solver with
 more model calls per interval (Heun, DPM-Solver-2) implements `stages` instead: a generator that yields a
 `ModelRequest` for each extra call and receives its node.
-Node σ's are float64 tensors of shape [1] or [B] (per-sample times, as AMED's learned points are).
+Node σ's are float64 tensors of shape [1] or [B] (per-sample times, which a solver wrapper may choose).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from ..errors import DenoiserError, SolverError
 from ..schedules import get_schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, D) → per-sample features [B, F]
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -31,12 +33,13 @@ def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Node:
-    """One model evaluation: the state x at time σ, and D = D(x, σ_model) (σ_model = σ unless AMED rescales)."""
+    """One model evaluation: the state x at time σ, and D = D(x, σ_model) (σ_model = σ unless the solver moves
+    the model's time)."""
 
     sigma: torch.Tensor  # float64, [1] or [B]
     x: torch.Tensor
     denoised: torch.Tensor
-    features: torch.Tensor | None = None  # [B, F] for AMED's predictor, when the evaluator extracts them
+    features: torch.Tensor | None = None  # [B, F] when the evaluator extracts features (see `Evaluator`)
 
     @cached_property
     def d(self) -> torch.Tensor:
@@ -47,8 +50,9 @@ class Node:
 @dataclass
 class ModelRequest:
     """A model call the driver needs: the state x at node time σ, the network called at `model_sigma` (σ unless
-    AMED or a learned card moves it); `index` names the step in messages. `grid_point`: x is the state at grid
-    point `index`, so a consumer may answer with a node at an edited state, which the run then continues from."""
+    the solver moves it, e.g. a learned card's offsets); `index` names the step in messages. `grid_point`: x is
+    the state at grid point `index`, so a consumer may answer with a node at an edited state, which the run then
+    continues from."""
 
     x: torch.Tensor
     sigma: torch.Tensor
@@ -65,15 +69,6 @@ def request(x: torch.Tensor, sigma: torch.Tensor, index: int, model_sigma: torch
     """Yield one model request and return its answer as a node (a bare D is taken as D(x, σ_model))."""
     reply = yield ModelRequest(x, sigma, sigma if model_sigma is None else model_sigma, index, grid_point)
     return reply if isinstance(reply, Node) else Node(sigma, x, reply)
-
-
-@dataclass(frozen=True)
-class Control:
-    """AMED's per-interval choice: intermediate time ratio r, direction scale c, model-time scale a ([B] or [1])."""
-
-    r: torch.Tensor
-    c: torch.Tensor
-    a: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -122,11 +117,12 @@ class Evaluator:
 
     `threshold_ratio` enables dynamic thresholding of D (clip at that quantile of |D|, at least 1, rescale):
     meaningful only for pixel data in [−1, 1], so it is off unless asked for. `features` (x, D) → [B, F], when
-    set, is stored on every node for AMED's predictor (it may read a bottleneck captured by a forward hook).
+    set, is stored on every node for a solver that reads them (`Solver.node_features`; it may read a network's
+    inner activations captured by a forward hook).
     """
 
     def __init__(self, denoiser: Denoiser, threshold_ratio: float | None = None,
-                 features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 features: FeatureFn | None = None):
         self.denoiser = denoiser
         self.threshold_ratio = threshold_ratio
         self.features = features
@@ -179,7 +175,7 @@ def _fmt(sigma: torch.Tensor) -> str:
     s = sigma.reshape(-1)
     if s.numel() == 1 or bool((s == s[0]).all()):
         return f"{s[0].item():.6g}"
-    return f"{s.min().item():.4g}..{s.max().item():.4g}"  # per-sample σ (AMED's learned points)
+    return f"{s.min().item():.4g}..{s.max().item():.4g}"  # per-sample σ
 
 
 @dataclass(frozen=True)
@@ -257,8 +253,9 @@ class Solver:
 
     def step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
              ev: Callable[..., Node], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """Advance x from hist[-1].sigma to t_next with no model call; `scale` multiplies the model terms (AMED's
-        c_n). `ev` is kept for signature compatibility: calling it raises (extra calls belong in `stages`)."""
+        """Advance x from hist[-1].sigma to t_next with no model call; `scale` multiplies the model terms (a
+        wrapper's per-sample direction scale; 1 in a plain run). `ev` is kept for signature compatibility:
+        calling it raises (extra calls belong in `stages`)."""
         raise NotImplementedError
 
     def stages(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
@@ -272,36 +269,22 @@ class Solver:
         """Refine the state of step `info` with the evaluation at its end (hist[-1]); default: keep it."""
         return x_new
 
-    def advance(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-                control: Control | None = None) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
-        """One interval: the solver's `stages`, or with an AMED control the plugin's two sub-steps."""
-        if control is None:
-            x_next = yield from self.stages(x, hist, t_next, info)
-            return Substep(x_next, x, hist, info)
-        return (yield from self.amed_step(x, hist, t_next, info, control))
+    def advance(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor,
+                info: StepInfo) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
+        """One interval as the loop runs it: the solver's `stages`. A wrapper that splits the interval into
+        sub-steps returns the last one, which the loop's evaluation at t_{n+1} then corrects like any step."""
+        x_next = yield from self.stages(x, hist, t_next, info)
+        return Substep(x_next, x, hist, info)
 
-    def amed_step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-                  control: Control) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
-        """AMED-Plugin (docs/maths.md §8): run this solver on the grid t_n, s_n, t_{n+1}, s_n = t_{n+1}^r·t_n^{1−r}.
-
-        The model is called at σ = a·s_n (the direction still uses s_n), s_n joins the history like any node,
-        and the model terms of the update s_n → t_{n+1} are scaled by c. Returns the sub-step that ends at
-        t_{n+1}, so that the driver's evaluation there can correct it like any other step.
-        """
-        s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
-        first = StepInfo(2 * info.index, 2 * info.steps_left, info.sigma_min, info.sigma_max)
-        y = yield from self.stages(x, hist, s, first)
-        hist = [*hist[-self.history :], (yield from request(y, s, info.index, model_sigma=control.a * s))]
-        y = self.correct(x, y, hist, first)
-        second = StepInfo(2 * info.index + 1, 2 * info.steps_left - 1, info.sigma_min, info.sigma_max)
-        c = bcast(control.c, x)
-        x_next = yield from self.stages(y, hist, t_next, second, scale=c)
-        return Substep(x_next, y, hist, second, c)
+    def node_features(self) -> AbstractContextManager[FeatureFn | None]:
+        """For the length of a run: the function (x, D) → [B, F] whose value the evaluator stores on every node
+        as `features`, or None (the default: this solver reads no features)."""
+        return nullcontext()
 
     def plan(self, sigmas: list[torch.Tensor], extra: tuple, compute: Callable[[], tuple]) -> tuple:
         """Coefficients that depend only on the grid: `compute()` (float64 tensors, nested tuples allowed) once per
         grid as Python floats, reused across batches, when every σ is a single value outside autograd;
-        otherwise computed as they are (per-sample σ's of AMED, a learned grid in training)."""
+        otherwise computed as they are (per-sample σ's, a learned grid in training)."""
         if any(s.numel() != 1 or s.requires_grad for s in sigmas):
             return compute()
         key = (type(self), *(getattr(self, name) for name in self.options), *(float(s) for s in sigmas), *extra)
@@ -342,7 +325,7 @@ def _no_model_calls(*args: Any, **kwargs: Any) -> Node:
 
 
 def midpoint_sigma(t_cur: torch.Tensor, t_next: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
-    """s = t_{n+1}^r · t_n^{1−r}: the geometric intermediate time of DPM-Solver-2 and AMED."""
+    """s = t_{n+1}^r · t_n^{1−r}: the geometric intermediate time of DPM-Solver-2 (r may be per sample)."""
     return t_next**r * t_cur ** (1 - r)
 
 

@@ -1,10 +1,10 @@
 """The one sampling loop: `run` walks a solver over a σ grid as a generator of model requests.
 
-`run` yields a `ModelRequest` for every model call (grid-point evaluations, multi-stage steps, AMED's inserted
-point, the final `denoise_to_zero` call) and receives the answer (a node, or a bare D), and yields a `GridPoint`
-each time the state reaches a grid point. Everything that samples is a thin consumer of it: `integrate` /
-`sample` answer with an `Evaluator`; the k-diffusion samplers fire their callback at grid points; AMED's
-training rollout answers grid requests at the teacher's states and detaches between intervals; the diffusers
+`run` yields a `ModelRequest` for every model call (grid-point evaluations, multi-stage steps, a wrapper's
+inserted points, the final `denoise_to_zero` call) and receives the answer (a node, or a bare D), and yields a
+`GridPoint` each time the state reaches a grid point. Everything that samples is a thin consumer of it:
+`integrate` / `sample` answer with an `Evaluator`; the k-diffusion samplers fire their callback at grid points;
+training rollouts answer grid requests at a teacher's states and detach between intervals; the diffusers
 scheduler answers one request per pipeline step; GITS and the trajectory analysis read the grid-point nodes.
 """
 
@@ -19,9 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SolverError
 from ..schedules import check_schedule
-from .base import Control, Denoiser, Evaluator, ModelRequest, Node, Solver, StepInfo, get_solver, request
-
-Controller = Callable[[Node, torch.Tensor, torch.Tensor], Control]
+from .base import Denoiser, Evaluator, ModelRequest, Node, Solver, StepInfo, get_solver, request
 
 
 @dataclass
@@ -43,15 +41,14 @@ Run = Generator["ModelRequest | GridPoint", "Node | torch.Tensor | GridPoint | N
 
 
 def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
-        controller: Controller | None = None, denoise_to_zero: bool = False) -> Run:
+        denoise_to_zero: bool = False) -> Run:
     """Run `algo` over the grid `sigmas` (float64, validated) from the state x at sigmas[0]; returns the final
     state, or D(x, σ_min) with `denoise_to_zero`.
 
     The state arriving at every grid point but the last is evaluated (at `algo.eval_sigma`, or AFS's analytic
-    node at the first) and may be refined by the solver's corrector. With a `controller` (AMED's predictor:
-    node at t_n, t_n, t_{n+1} → Control) every interval runs as the AMED-Plugin of `algo` (or as AMED-Solver).
-    Yields a `ModelRequest` per model call (send back D, or a node) and a `GridPoint` at every grid point (send
-    back None, or a modified copy to continue from).
+    node at the first) and may be refined by the solver's corrector. Yields a `ModelRequest` per model call
+    (send back D, or a node) and a `GridPoint` at every grid point (send back None, or a modified copy to
+    continue from).
     """
     algo.check_grid(sigmas)
     n_int = len(sigmas) - 1
@@ -66,8 +63,7 @@ def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
     if reply is not None:
         x, hist = reply.x, reply.hist
     for i in range(n_int):
-        control = controller(hist[-1], t[i], t[i + 1]) if controller is not None else None
-        sub = yield from algo.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, lo, hi), control)
+        sub = yield from algo.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, lo, hi))
         stepped, hist, node = sub.x_next, sub.hist, None
         x = stepped
         if i + 1 < n_int:  # evaluate the arrived state (every point but the last), maybe correct it
@@ -106,12 +102,11 @@ def integrate(
     afs: bool = False,
     trajectory: list[torch.Tensor] | None = None,
     progress: bool = False,
-    controller: Controller | None = None,
     denoise_to_zero: bool = False,
 ) -> torch.Tensor:
     """`run` answered by `ev`: the final state (autograd flows through it). `trajectory`, when given, receives
     the state at every grid point after the first."""
-    steps = run(algo, x, sigmas, afs, controller, denoise_to_zero)
+    steps = run(algo, x, sigmas, afs, denoise_to_zero)
     if not progress and trajectory is None:
         return answer(steps, ev.answer)
     with tqdm(total=len(sigmas) - 1, disable=not progress, desc=algo.name, leave=False) as bar:
@@ -151,21 +146,17 @@ def sample(
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
     progress: bool = False,
-    predictor: Any = None,
-    bottleneck: torch.nn.Module | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from x_T = schedule[0]·noise down to schedule[-1].
 
     `denoiser(x, sigma)` returns E[x₀|x] (sigma is a [B] tensor); `noise` is N(0, I) of shape [B, …].
     Without `schedule`, the solver's recommended schedule with `num_steps` points is used. `solver` is a name
-    (with `options`) or a Solver instance, e.g. a learned card from `fewstep.load_solver(DIR)`, which brings its
-    own grid and AFS setting.
+    (with `options`) or any Solver instance, e.g. a wrapper such as a learned card from
+    `fewstep.load_solver(DIR)`, which brings its own grid and AFS setting.
     Returns the state at σ_min (or D(x, σ_min) with `denoise_to_zero`), or with `return_trajectory` a tensor
     [N, *noise.shape] of the state at every grid point (its last entry is what would be returned otherwise,
     the denoised output when `denoise_to_zero`). `options` are the solver's own (see `fewstep solvers`).
-    With an AMED `predictor`, every interval runs as the AMED-Plugin of `solver` (AMED-Solver for "amed");
-    its features come from the `bottleneck` module's output (forward hook) or, without one, from D.
     """
     algo = resolve(solver, options)
     afs = algo.resolve_afs(afs)
@@ -184,16 +175,9 @@ def sample(
     traj = [x] if return_trajectory else None
 
     threshold = threshold_ratio if thresholding else None
-    if predictor is None:
-        x = integrate(algo, Evaluator(denoiser, threshold), x, sigmas, afs=afs, trajectory=traj, progress=progress,
-                      denoise_to_zero=denoise_to_zero)
-    else:
-        from ..amed.features import feature_source
-
-        with feature_source(bottleneck) as features, torch.no_grad():
-            x = integrate(algo, Evaluator(denoiser, threshold, features=features), x, sigmas, afs=afs,
-                          trajectory=traj, progress=progress, controller=predictor.control,
-                          denoise_to_zero=denoise_to_zero)
+    with algo.node_features() as features:
+        x = integrate(algo, Evaluator(denoiser, threshold, features), x, sigmas, afs=afs, trajectory=traj,
+                      progress=progress, denoise_to_zero=denoise_to_zero)
     if traj is not None and denoise_to_zero:
         traj[-1] = x
     return torch.stack(traj) if traj is not None else x

@@ -2,7 +2,7 @@
 
 Model output m is D (data prediction, `predict_x0=True`) or d = ε̂ (noise prediction). In σ-space
 (α = 1) the data-prediction update is x_{n+1} = (t_{n+1}/t_n)·x_n − expm1(−h)·m_n − …, and the
-noise-prediction one x_{n+1} = x_n − t_{n+1}·(expm1(h)·m_n + …). AMED's scale c multiplies the model terms.
+noise-prediction one x_{n+1} = x_n − t_{n+1}·(expm1(h)·m_n + …). A step's `scale` c multiplies the model terms.
 Both updates are linear in the history, so each step is written as x_{n+1} = a·x_n + Σ_j w_j·m_{n−j} with
 coefficients that depend only on the grid (a cached plan; see `Solver.plan`).
 """
@@ -48,7 +48,7 @@ class _Exponential(Solver):
     def combine(self, x: torch.Tensor, n0: Node, t_next: torch.Tensor, model_terms: torch.Tensor,
                 scale: torch.Tensor | float) -> torch.Tensor:
         """x_{n+1} = (t_{n+1}/t_n)x_n − c·terms (data) or x_n − c·t_{n+1}·terms (noise)."""
-        if not (isinstance(scale, float) and scale == 1.0):  # AMED's c; skip a full pass when plain
+        if not (isinstance(scale, float) and scale == 1.0):  # a wrapper's c; skip a full pass when plain
             model_terms = scale * model_terms
         if self.predict_x0:
             return bcast(t_next / n0.sigma, x) * x - model_terms

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SolverError
-from .base import Node, Option, Solver, Stages, Substep, bcast, midpoint_sigma, register, request
+from .base import Node, Option, Solver, Stages, StepInfo, bcast, midpoint_sigma, register, request
 
 
 @register
@@ -32,19 +31,16 @@ class Heun(Solver):
         d_next = (yield from request(x_euler, t_next, info.index)).d
         return x + scale * h * (n.d + d_next) / 2  # x_{n+1} = x_n + h(d_n + d(x', t_{n+1}))/2
 
-    def amed_step(self, x, hist, t_next, info, control):
-        raise SolverError("heun has no AMED-Plugin; use euler, dpm2, ipndm, ipndm_v, deis, dpmpp, unipc or amed")
-
 
 def two_stage_step(
     x: torch.Tensor, n: Node, t_next: torch.Tensor, r: torch.Tensor | float, step: int,
     c: torch.Tensor | float = 1.0, a: torch.Tensor | float = 1.0, mean_direction: bool = False,
 ) -> Stages:
-    """DPM-Solver-2 with ratio r, generalised to AMED's scaled direction c and scaled model time a.
+    """DPM-Solver-2 with ratio r, generalised to a scaled direction c and a scaled model time a.
 
     s = t_{n+1}^r·t_n^{1−r}; y = x_n + (s − t_n)·d_n; the model is called at σ = a·s (direction (y − D)/s):
-    DPM-Solver-2:  x_{n+1} = x_n + c·h·[(1/2r)·d(y, s) + (1 − 1/2r)·d_n]
-    AMED-Solver:   x_{n+1} = x_n + c·h·d(y, s)   (`mean_direction`; the same as DPM-Solver-2 at r = ½).
+    DPM-Solver-2:    x_{n+1} = x_n + c·h·[(1/2r)·d(y, s) + (1 − 1/2r)·d_n]
+    mean direction:  x_{n+1} = x_n + c·h·d(y, s)   (the same as DPM-Solver-2 at r = ½).
     """
     s = midpoint_sigma(n.sigma, t_next, r)
     y = x + bcast(s - n.sigma, x) * n.d
@@ -56,34 +52,28 @@ def two_stage_step(
     return x + c * h * (w * d_mid + (1 - w) * n.d)
 
 
-class _TwoStage(Solver):
-    """Single-step solvers with one intermediate evaluation: AMED sets their ratio r instead of inserting s_n."""
+class TwoStage(Solver):
+    """Single-step solvers with one intermediate evaluation at ratio r (`two_stage_step`); a wrapper may set r,
+    the direction scale and the model-time scale per sample and interval (`ratio_stages`)."""
 
     evals_per_step = 2
     mean_direction = False
+    r: float
 
     def stages(self, x, hist, t_next, info, scale=1.0):
-        return (yield from two_stage_step(x, hist[-1], t_next, self.r, info.index, scale,
-                                          mean_direction=self.mean_direction))
+        return (yield from self.ratio_stages(x, hist, t_next, info, self.r, scale))
 
-    def amed_step(self, x, hist, t_next, info, control):
-        c = bcast(control.c, x)
-        x_next = yield from two_stage_step(x, hist[-1], t_next, control.r, info.index, c, control.a,
-                                           self.mean_direction)
-        return Substep(x_next, x, hist, info, c)
+    def ratio_stages(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
+                     r: torch.Tensor | float, scale: torch.Tensor | float = 1.0,
+                     time_scale: torch.Tensor | float = 1.0) -> Stages:
+        """One interval with intermediate ratio r, model terms scaled by `scale`, the model called at
+        `time_scale`·s."""
+        return (yield from two_stage_step(x, hist[-1], t_next, r, info.index, scale, time_scale,
+                                          self.mean_direction))
 
 
 @register
-class DPMSolver2(_TwoStage):
+class DPMSolver2(TwoStage):
     name = "dpm2"
     summary = "DPM-Solver-2 (singlestep, midpoint at ratio r), order 2, 2 NFE per step"
     options = {"r": Option(0.5, low=1e-3, high=1.0, help="position of the intermediate point in log σ")}
-
-
-@register
-class AMEDSolver(_TwoStage):
-    name = "amed"
-    recommended_schedule = ("time_uniform", 1.0)  # the paper's AMED-Solver recipe
-    summary = "AMED-Solver: one learned mean direction per step (needs a predictor; r=½ without one), 2 NFE"
-    options = {"r": Option(0.5, low=1e-3, high=1.0, help="intermediate ratio when no predictor is given")}
-    mean_direction = True
