@@ -4,8 +4,8 @@ Sampling trajectories of the probability-flow ODE are regular (nearly 2-D, smoot
 for a few hundred warm-up trajectories is good for all of them. GITS
 
 1. runs a *teacher* solver on a fine grid t_0 = σ_max > … > t_{N−1} = σ_min (default 61 points of polynomial
-   ρ = 7) from `warmup` noise seeds (GITS_SEED_BASE, GITS_SEED_BASE + 1, …: disjoint from the evaluation seeds
-   0, 1, … and from AMED's training seeds) and records the states x_i and the directions
+   ρ = 7) from `warmup` noise seeds (2 000 000, 2 000 001, …: `fewstep.seeds.GITS_WARMUP`, disjoint from the
+   evaluation seeds 0, 1, … and from every training seed) and records the states x_i and the directions
    d_i = (x_i − D(x_i, t_i))/t_i at the grid points;
 2. builds the cost matrix C[i][j] (i < j) = the mean over samples of the error of one Euler jump
    x̂_ij = x_i + (t_j − t_i)·d_i against the teacher's x_j (`cost_sums`, metrics below);
@@ -54,9 +54,9 @@ from tqdm.auto import tqdm
 from .errors import FewstepError, ScheduleError, SolverError
 from .noise import seeded_noise
 from .schedules import check_schedule, get_schedule
+from .seeds import GITS_WARMUP
 from .solvers import get_solver, num_steps_for_nfe, sample, sample_with_directions
 
-GITS_SEED_BASE = 2_000_000  # warm-up noise seeds: disjoint from evaluation (0, 1, …) and AMED training (1e6 …)
 METRICS = ("l2", "l1", "dev")
 DEFAULT_TEACHER = "ipndm"
 DEFAULT_GRID = 61
@@ -178,13 +178,13 @@ class GitsSearch:
     seconds: float
     grid_spec: dict[str, Any] = field(default_factory=dict)
     final: torch.Tensor | None = field(default=None, repr=False)  # the teacher's end states (for afs_mode="insert")
-    first_seed: int = GITS_SEED_BASE
+    first_seed: int = GITS_WARMUP.first()
     model_info: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def run(cls, model: Any, teacher: str = DEFAULT_TEACHER, grid: int | torch.Tensor = DEFAULT_GRID,
             warmup: int = DEFAULT_WARMUP, metric: str = DEFAULT_METRIC, teacher_options: dict[str, Any] | None = None,
-            batch: int = 64, first_seed: int = GITS_SEED_BASE, grid_schedule: str = "polynomial",
+            batch: int = 64, first_seed: int = GITS_WARMUP.first(), grid_schedule: str = "polynomial",
             grid_rho: float | None = 7.0, progress: bool = True) -> GitsSearch:
         """Run the teacher on `warmup` seeds (in batches, with a progress bar) and accumulate the cost matrix.
 
@@ -194,6 +194,7 @@ class GitsSearch:
             raise FewstepError(f"unknown GITS metric {metric!r}; choose one of {', '.join(METRICS)}")
         if warmup < 1 or batch < 1:
             raise FewstepError(f"warmup and batch must be >= 1, got warmup={warmup}, batch={batch}")
+        GITS_WARMUP.check_span(first_seed, warmup, "the warm-up seeds")
         options = dict(teacher_options or {})
         get_solver(teacher, **options)  # unknown teacher / option: fail before any work
         start = time.perf_counter()
@@ -273,6 +274,7 @@ class GitsSearch:
             "teacher": self.teacher, "teacher_options": self.teacher_options, "grid": self.grid_spec,
             "warmup": self.warmup, "gamma": gamma, "metric": self.metric, "seconds": round(self.seconds, 3),
             "indices": path, "warmup_seeds": f"{self.first_seed}-{self.first_seed + self.warmup - 1}",
+            "seed_range": GITS_WARMUP.name,
         }
 
 

@@ -30,13 +30,13 @@ from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
+from ..seeds import AMED_TRAINING
 from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, run, sample
 from .checkpoint import SamplingSettings, check_no_predictor, model_identity, resume_state, save_checkpoint
 from .features import feature_source
 from .predictor import AMEDPredictor
 from .solver import AMEDPlugin
 
-TRAIN_SEED_BASE = 1_000_000  # training noise seeds start here: disjoint from evaluation seeds 0, 1, …
 SINGLE_STEP = ("amed", "dpm2", "euler")
 LOSS_MODES = ("step", "e2e", "step+e2e")
 
@@ -70,8 +70,8 @@ class TrainConfig:
         for name in ("M", "num_steps", "batch", "pool", "seed"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise FewstepError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.pool < 0 or not 0 <= self.seed <= 10**6:
-            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1, pool >= 0 and 0 <= seed <= 1000000")
+        if self.M < 0 or self.num_steps < 2 or self.batch < 1 or self.pool < 0:
+            raise FewstepError("need M >= 0, num_steps >= 2, batch >= 1 and pool >= 0")
         numbers = {"kimg": self.kimg, "lr": self.lr, "scale_dir": self.scale_dir, "scale_time": self.scale_time,
                    "rho": 1.0 if self.rho is None else self.rho}
         for name, value in numbers.items():
@@ -86,10 +86,18 @@ class TrainConfig:
             raise SolverError("heun has no AMED-Plugin; choose amed, euler, dpm2, ipndm, ipndm_v, deis, dpmpp or unipc")
         get_solver(self.student, **self.student_options)
         get_solver(self.teacher, **self.teacher_options)
+        self.training_seeds()
 
     @property
     def iterations(self) -> int:
         return max(1, math.ceil(self.kimg * 1000 / self.batch))
+
+    def training_seeds(self) -> range:
+        """The run's noise seeds: the pool, or a fresh batch for every iteration (checked to stay in its range)."""
+        if self.pool:
+            return AMED_TRAINING.seeds(self.pool, self.seed, "--pool")
+        return AMED_TRAINING.seeds(self.iterations * self.batch, self.seed,
+                                   "the training trajectories (--kimg × 1000, in whole batches)")
 
 
 def _detached(hist: list[Node]) -> list[Node]:
@@ -230,7 +238,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     began = time.perf_counter()
     bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress or rank > 0,
                initial=start_it, total=cfg.iterations)
-    first_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
+    first_seed = cfg.training_seeds().start
     pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0, spec) if cfg.pool else None
 
     def save_state(iteration: int) -> None:
@@ -286,7 +294,8 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
         sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
         scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M, sigmas=sigmas.tolist(),
         guidance=spec.guidance if spec.conditional else None, conditions=spec.to_json() if spec.conditional else None,
-        training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"}},
+        training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"},
+                  "seeds": {"training": AMED_TRAINING.record(len(cfg.training_seeds()), cfg.seed)}},
     )
     if out is not None and rank == 0:
         save_checkpoint(out, predictor, settings)

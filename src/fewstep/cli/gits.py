@@ -20,23 +20,25 @@ from ..gits import (
     DEFAULT_METRIC,
     DEFAULT_TEACHER,
     DEFAULT_WARMUP,
-    GITS_SEED_BASE,
     METRICS,
     GitsSearch,
     nfe_to_num_steps,
 )
 from ..models import load_model
 from ..schedules import save_schedule
+from ..seeds import GITS_WARMUP
 from ..solvers import get_solver, nfe
+from ..validate import positive_int
 from .common import add_condition_args, add_model_arg, console, from_args
 
 
 def cmd_gits(args: argparse.Namespace) -> int:
     model, conditions = from_args(load_model(args.model), args)
     batch = args.batch
+    warmup_seeds = GITS_WARMUP.seeds(args.warmup, option="--warmup")
     # conditions bound for the warm-up seeds, run as one batch (docs/maths.md, "Conditions and guidance")
     if conditions.conditional:
-        model = conditioned_model(model, conditions, range(GITS_SEED_BASE, GITS_SEED_BASE + args.warmup))
+        model = conditioned_model(model, conditions, warmup_seeds)
         batch = args.warmup
     options = parse_options(args.opt)
     get_solver(args.solver, **options)
@@ -72,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gits", help="search a GITS time schedule (geometry-inspired, by dynamic programming) for a model",
         description="Run a teacher on a fine grid for warm-up samples (seeds from "
-                    f"{GITS_SEED_BASE}), build the cost matrix of one-step Euler jumps and pick the schedule "
+                    f"{GITS_WARMUP.first()}), build the cost matrix of one-step Euler jumps and pick the schedule "
                     "by dynamic programming (docs/maths.md §10). Use the file with --schedule gits:FILE.")
     add_model_arg(p, help="model (as for `fewstep bench`)")
     p.add_argument("--nfe", type=int, default=None, help="NFE budget of the student solver (sets num_steps)")
@@ -87,7 +89,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-opt", action="append", default=[], metavar="K=V", help="teacher option")
     p.add_argument("--grid", type=int, default=DEFAULT_GRID,
                    help=f"fine grid points, polynomial ρ=7 (default {DEFAULT_GRID})")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"warm-up samples (default {DEFAULT_WARMUP})")
+    p.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP,
+                   help=f"warm-up samples (default {DEFAULT_WARMUP})")
     p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
                    help=f"DP discount γ: V[j][k] = min C[j][i] + γ·V[i][k-1] (default {DEFAULT_GAMMA})")
     p.add_argument("--metric", default=DEFAULT_METRIC, choices=list(METRICS),

@@ -21,6 +21,7 @@ from ..learned.solver import BASES
 from ..learned.train import LOSSES, LearnConfig, learn
 from ..models import load_model
 from ..models.registry import ModelInfo
+from ..seeds import CARD_TRAINING, run_seed_type
 from ..solvers.base import Denoiser
 from ..validate import int_list, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
@@ -136,7 +137,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=300, help="Adam iterations (default 300)")
     p.add_argument("--batch", type=int, default=64, help="pairs per iteration (default 64)")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate, cosine-decayed (default 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="training seed: selects the training pairs")
+    p.add_argument("--seed", type=run_seed_type(CARD_TRAINING), default=0,
+                   help=f"run seed 0…{CARD_TRAINING.runs - 1}: selects the training pairs (seeds "
+                        f"{CARD_TRAINING.first()} + {CARD_TRAINING.block}·seed + i)")
     add_condition_args(p)
     add_device_arg(p)
     p.add_argument("--out", default=None, help="card folder (resumes from its learn_state.pt)")

@@ -10,6 +10,7 @@ from ..device import to_device
 from ..evaluation.bench import parse_options
 from ..io import check_output_dir
 from ..models import load_model
+from ..seeds import AMED_TRAINING, run_seed_type
 from ..validate import float_in, int_in, nonnegative_int, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
 
@@ -66,8 +67,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=128, help="trajectories per iteration")
     p.add_argument("--kimg", type=positive_float, default=10.0, help="thousands of training trajectories")
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int_in(0, 10**6), default=0,
-                   help="training seed (noise seeds are disjoint from evaluation's)")
+    p.add_argument("--seed", type=run_seed_type(AMED_TRAINING), default=0,
+                   help=f"run seed 0…{AMED_TRAINING.runs - 1}: selects the training noise (seeds "
+                        f"{AMED_TRAINING.first()} + {AMED_TRAINING.first(1) - AMED_TRAINING.first()}·seed + i)")
     p.add_argument("--pool", type=nonnegative_int, default=0,
                    help="0: a fresh teacher run for every batch (the paper); N: run the teacher once on N seeds "
                         "and reuse them (much faster with a network teacher)")

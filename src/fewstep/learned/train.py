@@ -35,13 +35,12 @@ from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
+from ..seeds import CARD_TRAINING, VALIDATION
 from ..solvers import SOLVERS, Evaluator, get_solver, integrate, num_steps_for_nfe, sample
 from ..solvers.base import Denoiser
 from .card import PARAMETER_FAMILIES, Card, save_card
 from .solver import BASES, LearnedSolver
 
-TRAIN_SEED_BASE = 3_000_000  # training pairs: seeds 3 000 000 + i; validation: 4 000 000 + i (evaluation: 0, 1, …)
-VAL_SEED_BASE = 4_000_000
 LOSSES = ("l2", "rmse", "l1")
 
 
@@ -99,6 +98,8 @@ class LearnConfig:
                 raise bad(name, f"must be a finite number >= 0, got {v!r}")
         if self.lr == 0 and self.iters:
             raise bad("--lr", "must be positive")
+        CARD_TRAINING.seeds(self.pairs, self.seed, "--pairs")  # the run's pairs stay among its training seeds
+        VALIDATION.seeds(self.val_pairs, option="--val-pairs")
 
     @property
     def num_intervals(self) -> int:
@@ -236,8 +237,8 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         raise FewstepError("learn: --soft-radius is single-process only (its per-pair offsets live on one rank)")
     dtype = torch.float64 if model.exact else torch.float32
     device = _device(model)
-    train_seeds = list(range(TRAIN_SEED_BASE + cfg.seed * 100_000, TRAIN_SEED_BASE + cfg.seed * 100_000 + cfg.pairs))
-    val_seeds = list(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_pairs))
+    train_seeds = list(CARD_TRAINING.seeds(cfg.pairs, cfg.seed))
+    val_seeds = list(VALIDATION.seeds(cfg.val_pairs))
     began = time.perf_counter()
     targets = teacher_pairs(model, train_seeds, cfg, bind, progress=progress).to(device)
     val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress).to(device)
@@ -350,7 +351,9 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"],
                          "val_rmse_initial": initial_val, "best_iteration": best["iteration"],
                          "seconds": time.perf_counter() - began, "teacher_seconds": teacher_seconds,
-                         "val_curve": history["val"]}),
+                         "val_curve": history["val"],
+                         "seeds": {"training": CARD_TRAINING.record(cfg.pairs, cfg.seed),
+                                   "validation": VALIDATION.record(cfg.val_pairs)}}),
     )
     if out is not None and rank == 0:
         save_card(out, card)

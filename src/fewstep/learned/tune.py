@@ -22,10 +22,11 @@ from ..io import write_json, write_text
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
+from ..seeds import EVALUATION, VALIDATION
 from ..solvers import sample
 from ..solvers.base import Denoiser
 from .card import Card, save_card
-from .train import VAL_SEED_BASE, LearnConfig, learn, sample_error, teacher_pairs
+from .train import LearnConfig, learn, sample_error, teacher_pairs
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,20 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
     out = Path(out)
     bind = bind or (lambda seeds: model.denoiser)
     n_test = n_test or (512 if model.exact else 64)
+    test_seeds = EVALUATION.seeds(n_test, option="--n")  # what bench measures on: seeds 0 … n_test − 1
     test_model = model
     if conditions is not None:  # the test seeds' conditions drawn from the same distribution
         from ..conditioning import ConditionSpec, conditioned_model
 
-        test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(range(n_test)))
+        test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(test_seeds))
     base_cfg = base_config or default_config(model)
+    for nfe in nfes:  # every setting (seeds included) checked before any teacher runs
+        replace(base_cfg, nfe=nfe, afs=True, conditions=conditions).validate()
     rows = []
     for nfe in nfes:
         began = time.perf_counter()
         cfg0 = replace(base_cfg, nfe=nfe, afs=True, conditions=conditions)
-        val_seeds = list(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg0.val_pairs))
+        val_seeds = list(VALIDATION.seeds(cfg0.val_pairs))
         val_targets = teacher_pairs(model, val_seeds, cfg0, bind, progress=progress)
         tried: list[tuple[float, Card, Path]] = []
         for family in families:
