@@ -228,13 +228,14 @@ def test_cli_train_then_bench_and_sample(tmp_path):
 
 
 def test_teacher_pool_cycles_through_every_trajectory_each_epoch():
-    from fewstep.amed.train import _pool_batch
+    from fewstep.training import epoch_batch
 
     cfg = small_config(pool=96, batch=32)
+    order = lambda it: epoch_batch(cfg.pool, cfg.batch, cfg.seed, it)  # the pool's order in `train`
     for epoch in range(2):
-        seen = torch.cat([_pool_batch(cfg, epoch * 3 + k) for k in range(3)])
+        seen = torch.cat([order(epoch * 3 + k) for k in range(3)])
         assert sorted(seen.tolist()) == list(range(96))
-    assert not torch.equal(_pool_batch(cfg, 0), _pool_batch(cfg, 3))  # reshuffled per epoch
+    assert not torch.equal(order(0), order(3))  # reshuffled per epoch
     _, _, stats = train(GMM, small_config(pool=128, batch=64, kimg=64 * 30 / 1000), progress=False)
     assert sum(stats["loss_curve"][-5:]) / 5 < 0.8 * stats["loss_curve"][0]
 

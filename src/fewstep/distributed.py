@@ -2,7 +2,7 @@
 
 The process group is set up only when torchrun's WORLD_SIZE > 1 is in the environment, so single-process runs
 never touch torch.distributed. Sampling shards the seed list (rank r takes seeds[r::K]); training splits every
-batch's seeds into disjoint shares and averages the predictor's gradients across ranks.
+batch's seeds into disjoint shares and averages the gradients across ranks (weighted by the shares).
 Backend: gloo for CPU tensors, plus nccl for CUDA tensors when CUDA is available ("cpu:gloo,cuda:nccl").
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -35,15 +36,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def average_gradients(module: torch.nn.Module, weight: float = 1.0) -> None:
-    """Sum `weight`·grad over the ranks (weight = this rank's share of the global batch gives the mean over
-    it). Missing gradients count as zero so that every rank takes part in the same collective calls."""
+def average_gradients(parameters: Iterable[torch.Tensor], weight: float = 1.0) -> None:
+    """Replace every gradient by its mean over the ranks weighted by `weight`: Σ_r w_r·g_r / Σ_r w_r. With w_r the
+    number of samples of rank r and g_r the gradient of its own mean loss, this is the gradient of the mean loss
+    over the whole batch (what one process computes). Missing gradients count as zero so that every rank takes
+    part in the same collective calls."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    for p in module.parameters():
+    share = weight / sum_scalar(weight)
+    for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.mul_(weight)
+        p.grad.mul_(share)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 

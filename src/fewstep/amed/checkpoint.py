@@ -207,35 +207,6 @@ def check_no_predictor(out: str | Path) -> None:
                               "use another --out, or delete the folder to retrain")
 
 
-def resume_state(path: Path, identity: dict[str, Any], predictor: AMEDPredictor,
-                 optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    """Load a training state into `predictor` and `optimizer`; returns (iteration, loss history).
-
-    The state must have been saved with the same `identity` (every setting, conditions, model identity), else
-    CheckpointError names what differs: a run never resumes another model's or another configuration's state.
-    """
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # truncated, foreign or unpicklable: torch raises many types
-        raise CheckpointError(f"{path} is corrupt or not a training state ({type(e).__name__}: {e}); delete it "
-                              "to start afresh") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a training state; delete it to start afresh")
-    differ = [k for k in identity if state.get(k) != identity[k]]
-    if differ:
-        detail = [f"{k}.{s}" for k in differ if isinstance(identity[k], dict) and isinstance(state.get(k), dict)
-                  for s in sorted(set(identity[k]) | set(state[k])) if identity[k].get(s) != state[k].get(s)]
-        raise CheckpointError(f"{path} belongs to another training run (different {', '.join(detail or differ)}); "
-                              "use another --out, or delete it to start afresh")
-    try:
-        predictor.load_state_dict(state["predictor"])
-        optimizer.load_state_dict(state["optimizer"])
-        iteration, history = int(state["iteration"]), list(state["history"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to start afresh") from e
-    return iteration, history
-
-
 def sample_checkpoint(model: ModelInfo, noise: torch.Tensor, predictor: AMEDPredictor,
                       settings: SamplingSettings, **kwargs: Any) -> torch.Tensor:
     """Sample `model` from `noise` exactly as the checkpoint prescribes (student, schedule, AFS, options)."""

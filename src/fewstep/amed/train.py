@@ -13,7 +13,6 @@ seed gets its own class or prompt and the run's guidance scale), recorded in the
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,13 +25,13 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..conditioning import ConditionSpec, conditioned_model
 from ..errors import FewstepError, SolverError
-from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
 from ..seeds import AMED_TRAINING
 from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, run, sample
-from .checkpoint import SamplingSettings, check_no_predictor, model_identity, resume_state, save_checkpoint
+from ..training import Step, Trainer
+from .checkpoint import SamplingSettings, check_no_predictor, model_identity, save_checkpoint
 from .features import feature_source
 from .predictor import AMEDPredictor
 from .solver import AMEDPlugin
@@ -192,14 +191,6 @@ def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress:
     return torch.cat(parts, dim=1)
 
 
-def _pool_batch(cfg: TrainConfig, it: int) -> torch.Tensor:
-    """Indices of iteration `it` into the pool: a fresh seeded permutation every epoch (resumable)."""
-    per_epoch = max(1, cfg.pool // cfg.batch)
-    epoch, k = divmod(it, per_epoch)
-    perm = torch.randperm(cfg.pool, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    return perm[k * cfg.batch : (k + 1) * cfg.batch]
-
-
 def _stats(controls: list[Any]) -> dict[str, str]:
     out = {}
     for key in ("r", "c", "a"):
@@ -213,9 +204,9 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
           ) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
     """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present).
 
-    Checkpoints every 50 iterations, at the end and on Ctrl-C. Under torchrun (WORLD_SIZE > 1) rank r trains
-    on the share seeds[r::world] of every batch and the gradients are summed with weights share/batch, which
-    gives the single-process gradient; rank 0 writes the files.
+    The loop is `fewstep.training.Trainer`: checkpoints every 50 iterations, at the end and on Ctrl-C or SIGTERM;
+    under torchrun (WORLD_SIZE > 1) rank r trains on the share seeds[r::world] of every batch and the gradients
+    are averaged with weights share/batch, which gives the single-process gradient; rank 0 writes the files.
     """
     cfg.validate()
     spec = conditions or ConditionSpec()
@@ -226,64 +217,33 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     torch.manual_seed(cfg.seed)
     sigmas = student_schedule(model, cfg)
     predictor = AMEDPredictor(cfg.scale_dir, cfg.scale_time)
-    opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
-    start_it, history = 0, []
-    state_path = Path(out) / "train_state.pt" if out is not None else None
     # what a resumed run must share with the saved state: every setting, the conditions and the model itself
     identity = {"config": asdict(cfg), "conditions": spec.to_json(), "model": model_identity(model)}
-    if state_path is not None and state_path.exists():
-        start_it, history = resume_state(state_path, identity, predictor, opt)
-    elif out is not None:
+    trainer = Trainer(predictor, torch.optim.Adam(predictor.parameters(), lr=cfg.lr), cfg.iterations, cfg.batch,
+                      seed=cfg.seed, items=cfg.pool or None, name="predictor",
+                      state_path=Path(out) / "train_state.pt" if out is not None else None, identity=identity,
+                      checkpoint_every=50, desc="train AMED", progress=progress, log_every=log_every)
+    if not trainer.resume() and out is not None:
         check_no_predictor(out)
     began = time.perf_counter()
-    bar = tqdm(range(start_it, cfg.iterations), desc="train AMED", disable=not progress or rank > 0,
-               initial=start_it, total=cfg.iterations)
     first_seed = cfg.training_seeds().start
     pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0, spec) if cfg.pool else None
 
-    def save_state(iteration: int) -> None:
-        if state_path is not None and rank == 0:
-            snapshot = {**identity, "predictor": predictor.state_dict(),
-                        "optimizer": opt.state_dict(), "iteration": iteration, "history": history}
-            atomic_write(state_path, lambda tmp: torch.save(snapshot, tmp))
+    with feature_source(model.bottleneck) as features:
 
-    completed, saved, updating = start_it, start_it, False
-    try:
-        with feature_source(model.bottleneck) as features:
-            for it in bar:
-                if pool is None:
-                    batch = range(first_seed + it * cfg.batch, first_seed + (it + 1) * cfg.batch)
-                    seeds = list(batch[rank::world])
-                    bound = conditioned_model(model, spec, seeds)
-                    targets = teacher_states(bound, seeded_noise(seeds, model.shape, device=model.device), cfg)
-                else:
-                    batch = _pool_batch(cfg, it)
-                    targets = pool[:, batch[rank::world]]
-                    bound = conditioned_model(model, spec, [first_seed + int(j) for j in batch[rank::world]])
-                opt.zero_grad(set_to_none=True)
-                _, losses, controls = rollout(bound, predictor, cfg, sigmas, targets, features)
-                loss = sum(losses)
-                if world > 1:  # this rank's share of the batch mean, summed over the ranks
-                    share = len(batch[rank::world]) / len(batch)
-                    distributed.average_gradients(predictor, share)
-                    loss = distributed.sum_scalar(loss * share)
-                for p in predictor.parameters():  # non-finite gradient guard
-                    if p.grad is not None:
-                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-                updating = True  # an interrupt inside the update leaves no consistent state to save
-                opt.step()
-                history.append(loss)
-                completed, updating = it + 1, False
-                bar.set_postfix(loss=f"{loss:.4g}", **_stats(controls))
-                if log_every and (it + 1) % log_every == 0 and rank == 0:
-                    print(json.dumps({"iteration": it + 1, "loss": loss, **_stats(controls)}), flush=True)
-                if (it + 1) % 50 == 0 or it + 1 == cfg.iterations:
-                    save_state(it + 1)
-                    saved = it + 1
-    except KeyboardInterrupt:
-        if completed > saved and not updating:
-            save_state(completed)  # Ctrl-C: keep the finished iterations; the next run resumes from here
-        raise
+        def step(it: int, mine: torch.Tensor) -> Step:
+            """This rank's share of the batch: fresh noise and teacher runs, or its columns of the pool."""
+            seeds = [first_seed + int(j) for j in mine]
+            bound = conditioned_model(model, spec, seeds)
+            if pool is None:
+                targets = teacher_states(bound, seeded_noise(seeds, model.shape, device=model.device), cfg)
+            else:
+                targets = pool[:, mine]
+            _, losses, controls = rollout(bound, predictor, cfg, sigmas, targets, features)
+            return Step(sum(losses), _stats(controls))
+
+        trainer.run(step)
+    history = trainer.history
     stats = {"iterations": cfg.iterations, "seconds": time.perf_counter() - began,
              "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
              "loss_curve": history[:: max(1, len(history) // 50)]}

@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import FewstepError
-from ..io import atomic_write
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
 from ..seeds import CARD_TRAINING, VALIDATION
 from ..solvers import SOLVERS, Evaluator, get_solver, integrate, num_steps_for_nfe, sample
 from ..solvers.base import Denoiser
+from ..training import Step, Trainer
 from .card import PARAMETER_FAMILIES, Card, save_card
 from .solver import BASES, LearnedSolver
 
@@ -227,8 +227,9 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     """Fit a card; with `out`, write `card.json` there (and resume from `out/learn_state.pt`).
 
     `bind(seeds)` returns the denoiser for a batch of seeds (a conditional model binds each seed's condition);
-    by default the model's own denoiser. Checkpoints every 25 iterations and on Ctrl-C/SIGTERM. With
-    `time_limit` (seconds, teacher pairs excluded) training stops early and keeps the best validated state.
+    by default the model's own denoiser. The loop is `fewstep.training.Trainer`: validates and checkpoints every 25
+    iterations, saves on Ctrl-C/SIGTERM, keeps the best validated state. With `time_limit` (seconds, teacher pairs
+    excluded) training stops early.
     """
     cfg.validate()
     bind = bind or (lambda seeds: model.denoiser)
@@ -249,97 +250,45 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, device=device,
                         requires_grad=cfg.soft_radius > 0)
     trainable = [p for p in params.parameters() if p.requires_grad] + ([delta] if cfg.soft_radius > 0 else [])
-    opt = torch.optim.Adam(trainable, lr=cfg.lr) if trainable else None
+    opt = torch.optim.Adam(trainable, lr=cfg.lr)
     identity = {"name": model.name, "shape": list(model.shape), "fingerprint": model.fingerprint,
                 "sigma_min": model.sigma_min, "sigma_max": model.sigma_max}
 
     def validation() -> float:
         return _mean_error(params, cfg, model, bind, val_seeds, val_targets, dtype)
 
-    state_path = Path(out) / "learn_state.pt" if out is not None else None
-    start, history = 0, {"train": [], "val": []}
-    best = {"val": validation(), "state": _snapshot(params), "iteration": 0}
-    initial_val = best["val"]
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("config") != asdict(cfg) or state.get("model") != identity:
-            raise FewstepError(f"{state_path} belongs to another training configuration or model; use another --out "
-                               "or delete it")
-        params.load_state_dict(state["params"])
-        delta.data.copy_(state["delta"])
-        opt.load_state_dict(state["optimizer"])
-        start, history, best, initial_val = state["iteration"], state["history"], state["best"], state["initial_val"]
-
-    def save_state(iteration: int) -> None:
-        if state_path is not None and rank == 0:
-            snap = {"config": asdict(cfg), "model": identity, "params": params.state_dict(), "delta": delta.detach(),
-                    "optimizer": opt.state_dict() if opt else None, "iteration": iteration, "history": history,
-                    "best": best, "initial_val": initial_val}
-            atomic_write(state_path, lambda tmp: torch.save(snap, tmp))
+    trainer = Trainer(params, opt, cfg.iters, cfg.batch, seed=cfg.seed, items=cfg.pairs, name="params",
+                      state_path=Path(out) / "learn_state.pt" if out is not None else None,
+                      identity={"config": asdict(cfg), "model": identity}, extra={"delta": delta},
+                      checkpoint_every=25, validate=validation, metric="train", desc=f"learn {cfg.base} NFE {cfg.nfe}",
+                      progress=progress)
+    trainer.resume()
 
     def cosine(step: int) -> float:  # lr factor at iteration start + step (a resumed run continues the curve)
-        done = min(start + step, cfg.iters) / max(cfg.iters, 1)
+        done = min(trainer.start + step, cfg.iters) / max(cfg.iters, 1)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine) if opt else None
-    per_epoch = max(1, cfg.pairs // cfg.batch)
-    bar = tqdm(range(start, cfg.iters), desc=f"learn {cfg.base} NFE {cfg.nfe}", initial=start, total=cfg.iters,
-               disable=not progress or rank > 0)
-    completed = saved = start
-    stop_at = time.perf_counter() + time_limit if time_limit is not None else math.inf
+    def step(it: int, mine: torch.Tensor) -> Step:
+        """The card's rollout on this rank's pairs; backpropagates their mean loss; reports their mean RMSE."""
+        seeds = [train_seeds[int(i)] for i in mine]
+        mine = mine.to(device)
+        noise = seeded_noise(seeds, model.shape, device=device)
+        if cfg.soft_radius > 0:
+            noise = noise + delta[mine]
+        x = rollout(params, cfg, bind(seeds), noise, dtype)
+        diff = (x.to(torch.float64) - targets[mine]).reshape(len(mine), -1)
+        _loss(diff, cfg.loss).mean().backward()
+        return Step(float(sample_error(x.detach(), targets[mine]).mean()))
 
-    def checkpoint() -> None:  # validate, keep the best state, save
-        nonlocal best, saved
-        val = validation()
-        history["val"].append((completed, val))
-        if val < best["val"]:
-            best = {"val": val, "state": _snapshot(params), "iteration": completed}
-        save_state(completed)
-        saved = completed
+    def project() -> None:  # δ back onto its ball
+        with torch.no_grad():
+            norm = delta.reshape(cfg.pairs, -1).norm(dim=1).clamp(min=1e-12)
+            scale = (cfg.soft_radius * math.sqrt(dim) / norm).clamp(max=1.0)
+            delta.mul_(scale.reshape(-1, *([1] * len(model.shape))))
 
-    try:
-        for it in bar:
-            if time.perf_counter() > stop_at and completed > start:
-                break
-            epoch, k = divmod(it, per_epoch)
-            perm = torch.randperm(cfg.pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            idx = perm[k * cfg.batch : (k + 1) * cfg.batch]
-            mine = idx[rank::world].to(device)
-            seeds = [train_seeds[int(i)] for i in idx[rank::world]]
-            noise = seeded_noise(seeds, model.shape, device=device)
-            if cfg.soft_radius > 0:
-                noise = noise + delta[mine]
-            opt.zero_grad(set_to_none=True)
-            x = rollout(params, cfg, bind(seeds), noise, dtype)
-            diff = (x.to(torch.float64) - targets[mine]).reshape(len(mine), -1)
-            per_sample = _loss(diff, cfg.loss)
-            share = len(mine) / len(idx)
-            (per_sample.mean() * share).backward()
-            if world > 1:
-                distributed.average_gradients(params, 1.0)
-            for p in trainable:  # a non-finite gradient (a stiff region) must not poison the card
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            schedule.step()
-            if cfg.soft_radius > 0:
-                with torch.no_grad():  # project δ back onto its ball
-                    norm = delta.reshape(cfg.pairs, -1).norm(dim=1).clamp(min=1e-12)
-                    scale = (cfg.soft_radius * math.sqrt(dim) / norm).clamp(max=1.0)
-                    delta.mul_(scale.reshape(-1, *([1] * len(model.shape))))
-            train_rmse = float(sample_error(x.detach(), targets[mine]).mean())
-            history["train"].append(distributed.sum_scalar(train_rmse * share))
-            completed = it + 1
-            if completed % 25 == 0 or completed == cfg.iters:
-                checkpoint()
-            bar.set_postfix(train=f"{history['train'][-1]:.4g}", val=f"{best['val']:.4g}")
-    except KeyboardInterrupt:
-        if completed > saved:
-            save_state(completed)
-        raise
-    if completed > saved:  # stopped by the time limit between validations
-        checkpoint()
-    params.load_state_dict(best["state"])
+    trainer.run(step, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, cosine),
+                after_update=project if cfg.soft_radius > 0 else None, time_limit=time_limit)
+    best = trainer.best
     train_err = _mean_error(params, cfg, model, bind, train_seeds, targets, dtype)
     t = params.tensors()
     as_list = lambda v: None if v is None else v.detach().tolist()
@@ -349,9 +298,9 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         afs_shift=as_list(t["afs_shift"]),
         params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
         training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"],
-                         "val_rmse_initial": initial_val, "best_iteration": best["iteration"],
+                         "val_rmse_initial": trainer.initial_val, "best_iteration": best["iteration"],
                          "seconds": time.perf_counter() - began, "teacher_seconds": teacher_seconds,
-                         "val_curve": history["val"],
+                         "val_curve": trainer.val_curve,
                          "seeds": {"training": CARD_TRAINING.record(cfg.pairs, cfg.seed),
                                    "validation": VALIDATION.record(cfg.val_pairs)}}),
     )
@@ -378,10 +327,6 @@ def _loss(diff: torch.Tensor, kind: str) -> torch.Tensor:
         return diff.abs().mean(1)
     mse = diff.pow(2).mean(1)
     return mse if kind == "l2" else (mse + 1e-20).sqrt()
-
-
-def _snapshot(params: CardParameters) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in params.state_dict().items()}
 
 
 def _mean_error(params: CardParameters, cfg: LearnConfig, model: ModelInfo, bind: Callable[[list[int]], Denoiser],
