@@ -18,7 +18,7 @@ from PIL import Image
 from fewstep.cli import build_parser, main
 from fewstep.cli.common import model_arg
 from fewstep.errors import FewstepError
-from fewstep.evaluation.bench import SolverSpec, parse_options
+from fewstep.methods import SolverSpec, parse_options
 from fewstep.noise import parse_seeds
 from fewstep.validate import float_in, int_list, positive_int, threads_int
 

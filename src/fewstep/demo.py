@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .amed.checkpoint import sample_checkpoint
 from .amed.recipes import recipe
 from .amed.train import train
-from .evaluation.bench import DEFAULT_SOLVERS, Record, SolverSpec, markdown_table, table_rows
+from .evaluation.bench import DEFAULT_SOLVERS, classic_methods, markdown_table, measure, table_rows
 from .evaluation.plots import plot_error_vs_nfe
-from .evaluation.reference import reference_solution, rmse
+from .evaluation.reference import reference_solution
 from .io import atomic_write, write_json, write_text
 from .learned.train import LearnConfig, learn
+from .methods import Method, SolverSpec, resolve_method
 from .models.registry import ModelInfo
 from .noise import seeded_noise
 from .sampling import to_uint8
-from .schedules import get_schedule
-from .solvers import num_steps_for_nfe, sample
 
 DEMO_NFES = (3, 4, 5, 6, 7, 8, 9, 10)
 AMED_NFES = (3, 5, 7, 9)
@@ -50,40 +49,33 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
     noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
     records: list[dict[str, Any]] = []
     pictures: dict[str, torch.Tensor] = {"reference": ref[:8]}
-    jobs = [(name, afs, nfe) for name in DEFAULT_SOLVERS for afs in (False, True) for nfe in DEMO_NFES]
-    for name, afs, nfe in tqdm(jobs, desc="classic solvers", disable=not progress, leave=False):
-        spec = SolverSpec.parse(name)
-        steps = num_steps_for_nfe(spec.solver, nfe, afs=afs, **spec.options)
-        if steps is None:
-            continue
-        sched = get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho)
-        x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
-        label = spec.label + (" +AFS" if afs else "")
-        records.append(Record(label, nfe, steps, spec.schedule_label, afs, rmse(x, ref), metrics=fd(x)).to_json())
-        if nfe == PICTURE_NFE:
+
+    def add(method: Method, label: str, **fields: Any) -> None:
+        """One table row by bench's loop, under the demo's label (AFS marked, recipes and cards by name)."""
+        record, x = next(measure(model, [method], noise, ref, fd))
+        records.append(replace(record, solver=label, **fields).to_json())
+        if method.nfe == PICTURE_NFE:
             pictures[label] = x[:8].cpu()
+
+    specs = [SolverSpec.parse(name + ("+afs" if afs else "")) for name in DEFAULT_SOLVERS for afs in (False, True)]
+    for method in tqdm(classic_methods(model, specs, DEMO_NFES), desc="classic solvers", disable=not progress,
+                       leave=False):
+        add(method, method.label + (" +AFS" if method.afs else ""))
     for label, name in AMED_RECIPES.items():
         for nfe in amed_nfes:
             cfg = recipe(name, nfe, kimg=kimg, pool=pool, batch=batch)
-            predictor, settings, stats = train(model, cfg, out=out / "predictors" / f"{name}-nfe{nfe}",
-                                               progress=progress)
-            x = sample_checkpoint(model, noise, predictor, settings)
-            records.append(Record(label, nfe, settings.num_steps, settings.schedule_label, settings.afs, rmse(x, ref),
-                                  train_seconds=stats["seconds"], metrics=fd(x)).to_json())
-            if nfe == PICTURE_NFE:
-                pictures[label] = x[:8].cpu()
+            folder = out / "predictors" / f"{name}-nfe{nfe}"
+            _, _, stats = train(model, cfg, out=folder, progress=progress)
+            add(resolve_method(SolverSpec("amed", path=str(folder)), model), label, train_seconds=stats["seconds"])
             log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
     for nfe in card_nfes:  # the learned global solver: the most accurate per model call (README, learned solvers)
         cfg = LearnConfig(base="unipc", nfe=nfe, afs=True, params=CARD_PARAMS, init_schedule="time_uniform:1",
                           loss="rmse", lr=0.01, pairs=256 if not model.exact else 512, val_pairs=64,
                           iters=card_iters or (150 if not model.exact else 400))
-        card = learn(model, cfg, out / "cards" / f"nfe{nfe}", progress=progress,
-                     time_limit=90.0 if not model.exact else None)
-        x = sample(model.denoiser, noise, card.solver())
-        records.append(Record("learned card (UniPC)", nfe, card.num_steps, "learned", True, rmse(x, ref),
-                              train_seconds=card.training["seconds"], learned=True, metrics=fd(x)).to_json())
-        if nfe == PICTURE_NFE:
-            pictures["learned card (UniPC)"] = x[:8]
+        folder = out / "cards" / f"nfe{nfe}"
+        card = learn(model, cfg, folder, progress=progress, time_limit=90.0 if not model.exact else None)
+        add(resolve_method(SolverSpec("learned", path=str(folder)), model), "learned card (UniPC)",
+            train_seconds=card.training["seconds"])
         log(f"learned a UniPC card for NFE {nfe} in {card.training['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
     header, rows = table_rows(records, list(DEMO_NFES))
     title = f"RMSE to the reference solution — {model.name} ({model.description}), {n} samples"

@@ -12,9 +12,8 @@ otherwise a class drawn uniformly per seed; the guidance scale applies to every 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,19 @@ from .conditioning import ConditionSpec, check_conditions, conditioned_model, re
 from .device import to_device
 from .errors import FewstepError
 from .io import atomic_write, check_output_dir, check_output_file
-from .manifest import claim_folder, file_fingerprint, sample_manifest
+from .manifest import claim_folder, sample_manifest
+from .methods import SolverSpec, resolve_method
 from .models import load_model
 from .models.registry import ModelInfo
 from .noise import parse_seeds, seeded_noise
-from .schedules import get_schedule
-from .solvers import get_solver, nfe, num_steps_for_nfe, sample
-from .solvers import resolve as resolve_solver
+from .solvers import get_solver, sample
 
 
 @dataclass
 class SampleJob:
     model: str
     out: str
-    solver: str = "ipndm"
+    solver: str = "ipndm"  # a solver name or a method spec (fewstep.methods): 'dpmpp:max_order=2@logsnr', 'learned:DIR'
     nfe: int | None = None
     num_steps: int | None = None
     schedule: str | None = None
@@ -99,101 +97,67 @@ def save_grid(path: str | Path, images: np.ndarray, cols: int | None = None, ups
     save_png(path, canvas, upscale)
 
 
-def check_job(job: SampleJob, model: ModelInfo) -> None:
+def job_spec(job: SampleJob) -> SolverSpec:
+    """The method a job names: `--predictor DIR`, or `--solver` (a name, or a whole method spec such as
+    'dpmpp:max_order=2@logsnr+afs', 'learned:DIR', 'amed:DIR') completed by --opt, --schedule and --rho."""
+    if job.predictor is not None:
+        if job.solver.startswith("learned:"):
+            raise FewstepError("--solver learned:DIR and --predictor: give one method")
+        return SolverSpec("amed", path=job.predictor)
+    spec = SolverSpec.parse(job.solver)
+    if spec.path:
+        if job.options or job.schedule or job.rho is not None or job.num_steps:
+            raise FewstepError(f"--solver {spec.solver}:DIR brings its own grid, options and AFS: drop --opt, "
+                               "--schedule, --rho and --num-steps")
+        return spec
+    for key in ("afs", "denoise_to_zero", "predictor", "bottleneck"):
+        if key in job.options:
+            raise FewstepError(f"--opt {key}=…: not a solver option" + ("; use --afs" if key == "afs" else ""))
+    if job.options:
+        if spec.options:
+            raise FewstepError("give the solver options in --solver or with --opt, not both")
+        spec = replace(spec, options=dict(job.options))
+        get_solver(spec.solver, **spec.options)  # unknown option: a clear error now
+    if job.schedule or job.rho is not None:
+        if "@" in job.solver:
+            raise FewstepError("give the schedule in --solver (@schedule) or with --schedule/--rho, not both")
+        spec = replace(spec, schedule=job.schedule or spec.schedule, rho=job.rho)
+    return spec
+
+
+def check_job(job: SampleJob, model: ModelInfo) -> SolverSpec:
     """Refuse a job that cannot succeed before sampling anything: conflicting step counts, unknown solver or
-    options, unusable output paths, a model whose samples are not images."""
+    options, unusable output paths, a model whose samples are not images. Returns the job's method spec."""
     if job.batch < 1:
         raise FewstepError(f"--batch must be >= 1, got {job.batch}")
     if job.nfe is not None and job.num_steps is not None:
         raise FewstepError("give --nfe or --num-steps, not both")
-    if job.solver.startswith("learned:"):
-        if not job.solver[len("learned:"):].strip():
-            raise FewstepError("--solver learned:DIR: give the card folder after 'learned:'")
-        if job.predictor is not None or job.options or job.schedule or job.rho is not None or job.num_steps:
-            raise FewstepError("--solver learned:DIR brings its own grid, options and AFS: drop --predictor, --opt, "
-                               "--schedule, --rho and --num-steps")
-    elif job.predictor is None:
-        for key in ("afs", "denoise_to_zero", "predictor", "bottleneck"):
-            if key in job.options:
-                raise FewstepError(f"--opt {key}=…: not a solver option" + ("; use --afs" if key == "afs" else ""))
-        get_solver(job.solver, **job.options)  # unknown solver or option: a clear error now
+    spec = job_spec(job)
     if len(model.shape) != 3 or model.shape[0] not in (1, 3, 4):
         raise FewstepError(f"model {job.model!r} has shape {tuple(model.shape)}; `sample` writes images and needs "
                            "[C, H, W] with 1, 3 or 4 channels")
     check_output_dir(job.out, "--out")
     check_output_file(job.grid, "--grid")
     check_output_file(job.npz, "--npz")
-
-
-def _predictor_record(path: str | None) -> dict[str, Any]:
-    """The manifest keys of an AMED predictor checkpoint (already loaded, so readable): its fingerprint (weights
-    and settings), its sampling settings and its path."""
-    if path is None:
-        return {}
-    from .amed.checkpoint import SETTINGS, WEIGHTS
-
-    settings = json.loads((Path(path) / SETTINGS).read_text())
-    return {"predictor": {"fingerprint": file_fingerprint(Path(path) / WEIGHTS, Path(path) / SETTINGS),
-                          "settings": {k: v for k, v in settings.items() if k not in ("training", "predictor")}},
-            "predictor_path": str(Path(path).resolve())}
+    return spec
 
 
 def run_sample_job(job: SampleJob) -> int:
     """Run a sampling job; returns how many new PNGs were written (by this rank, under torchrun)."""
     model = to_device(load_model(job.model), job.device)
     seeds = parse_seeds(job.seeds)
-    check_job(job, model)
-    kwargs: dict[str, Any]
-    card = None
-    if job.solver.startswith("learned:"):  # a learned solver card (fewstep learn)
-        from .learned import load_card
-
-        card_path = job.solver[len("learned:"):]
-        card = load_card(card_path, model)
-        if job.nfe is not None and job.nfe != card.nfe:
-            raise FewstepError(f"--nfe {job.nfe}: the card {card_path} was learned for NFE {card.nfe}")
-        if job.afs and not card.afs:
-            raise FewstepError(f"--afs: the card {card_path} was learned without AFS")
-        solver, sched, afs, kwargs = card.solver(), card.solver().grid, card.afs, {}
-        schedule = {"name": "learned", "rho": None}
-    elif job.predictor is not None:
-        from .amed.checkpoint import load_checkpoint
-
-        predictor, settings = load_checkpoint(job.predictor, model)
-        if job.guidance is None and settings.conditions:
-            job.guidance = ConditionSpec.from_json(settings.conditions).guidance
-        solver, sched, afs = settings.solver(predictor, model.bottleneck), settings.schedule_tensor(), settings.afs
-        schedule = {"name": settings.schedule, "rho": settings.rho}
-        kwargs = {}
-    else:
-        solver, afs, kwargs = job.solver, job.afs, dict(job.options)
-        steps = job.num_steps
-        if job.nfe is not None:
-            steps = num_steps_for_nfe(solver, job.nfe, afs=afs, **kwargs)
-            if steps is None:
-                raise FewstepError(f"{solver} cannot use exactly {job.nfe} NFE" + ("" if afs else "; try --afs"))
-        if steps is None:
-            raise FewstepError("give --nfe or --num-steps")
-        name, rho = (job.schedule, job.rho) if job.schedule else get_solver(solver, **kwargs).recommended_schedule
-        sched = get_schedule(name, steps, model.sigma_min, model.sigma_max, rho=job.rho if job.rho is not None else rho,
-                             model=model)  # discrete / ays schedules read the model
-        schedule = {"name": name, "rho": job.rho if job.rho is not None else rho}
-    model, spec = resolve(model, job.classes, job.prompts, job.guidance, job.classifier_scale)
-    if job.predictor is not None:
-        check_conditions(settings.conditions, spec, f"predictor {job.predictor}")
-    if card is not None:
-        check_conditions(card.conditions, spec, f"card {card_path}")
-        manifest = sample_manifest(model, "learned", {}, sched.tolist(), afs, card.nfe, "float64", schedule=schedule,
-                                   conditions=spec.to_json(), device=str(model.device),
-                                   card={"fingerprint": file_fingerprint(Path(card_path) / "card.json"),
-                                         "label": card.label})
-    else:
-        algo = resolve_solver(solver, kwargs)
-        base = algo.base if job.predictor is not None else algo
-        options = {k: getattr(base, k) for k in base.options}  # defaults filled in
-        manifest = sample_manifest(model, base.name, options, sched.tolist(), afs, nfe(algo, len(sched), afs=afs),
-                                   "float64", schedule=schedule, conditions=spec.to_json(),
-                                   device=str(model.device), **_predictor_record(job.predictor))
+    spec = check_job(job, model)
+    method = resolve_method(spec, model, nfe=job.nfe, num_steps=job.num_steps, afs=job.afs)
+    if spec.solver == "amed" and job.guidance is None and method.conditions:
+        job.guidance = ConditionSpec.from_json(method.conditions).guidance  # the checkpoint's recorded scale
+    model, conditions = resolve(model, job.classes, job.prompts, job.guidance, job.classifier_scale)
+    if method.artifact:
+        check_conditions(method.conditions, conditions,
+                         f"{'card' if spec.solver == 'learned' else 'predictor'} {spec.path}")
+    name, options = method.manifest_solver()
+    manifest = sample_manifest(model, name, options, method.grid.tolist(), method.afs, method.nfe, "float64",
+                               schedule=method.schedule, conditions=conditions.to_json(), device=str(model.device),
+                               **method.record)
     out = Path(job.out)
     rank, world = distributed.world()
     if rank == 0:  # under torchrun rank 0 claims (or clears) the folder, the others then check the same manifest
@@ -207,10 +171,10 @@ def run_sample_job(job: SampleJob) -> int:
     for i in tqdm(range(0, len(todo), job.batch), desc="sample", disable=not job.progress or not todo or rank > 0):
         chunk = todo[i : i + job.batch]
         # conditions per seed (docs/maths.md, "Conditions and guidance")
-        denoiser = conditioned_model(model, spec, chunk).denoiser
+        denoiser = conditioned_model(model, conditions, chunk).denoiser
         with torch.no_grad():
-            x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), solver, sched, afs=afs,
-                       **kwargs)
+            x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), method.solver, method.grid,
+                       afs=method.afs)
         for seed, img in zip(chunk, to_uint8(x)):
             save_png(out / f"{seed:06d}.png", img, upscale)
             written += 1

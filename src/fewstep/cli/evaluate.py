@@ -13,7 +13,6 @@ from rich.markup import escape
 from ..conditioning import conditioned_model
 from ..device import resolve_device
 from ..errors import FewstepError
-from ..evaluation.bench import parse_options
 from ..evaluation.fid import (
     FEATURE_NETWORKS,
     INCEPTION_WEIGHTS_ENV,
@@ -24,6 +23,7 @@ from ..evaluation.fid import (
     reference_stats,
 )
 from ..io import check_output_dir, check_output_file, write_text
+from ..methods import parse_options
 from ..models import load_model
 from .common import add_condition_args, add_model_arg, console, from_args
 

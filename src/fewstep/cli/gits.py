@@ -13,7 +13,6 @@ from rich.markup import escape
 
 from ..conditioning import conditioned_model
 from ..errors import FewstepError
-from ..evaluation.bench import parse_options
 from ..gits import (
     DEFAULT_GAMMA,
     DEFAULT_GRID,
@@ -24,6 +23,7 @@ from ..gits import (
     GitsSearch,
     nfe_to_num_steps,
 )
+from ..methods import parse_options
 from ..models import load_model
 from ..schedules import save_schedule
 from ..seeds import GITS_WARMUP

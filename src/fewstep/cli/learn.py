@@ -14,11 +14,11 @@ from rich.markup import escape
 from ..conditioning import bind, conditions_for_seeds
 from ..device import to_device
 from ..errors import FewstepError
-from ..evaluation.bench import parse_options
 from ..io import check_output_dir
 from ..learned.card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
 from ..learned.solver import BASES
 from ..learned.train import LOSSES, LearnConfig, learn
+from ..methods import parse_options
 from ..models import load_model
 from ..models.registry import ModelInfo
 from ..seeds import CARD_TRAINING, run_seed_type

@@ -6,7 +6,7 @@ import argparse
 
 from rich.markup import escape
 
-from ..evaluation.bench import parse_options
+from ..methods import parse_options
 from ..validate import int_in, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console
 
@@ -30,8 +30,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a model with any solver (or an AMED predictor) to PNGs / .npz")
     add_model_arg(p)
     p.add_argument("--solver", default="ipndm",
-                   help="solver name (ignored with --predictor), or learned:DIR for a learned solver card "
-                        "(fewstep learn), which brings its own grid, AFS and NFE")
+                   help="solver name or method spec 'name[:opt=val,...][@schedule[:rho]][+afs]' (ignored with "
+                        "--predictor); learned:DIR for a learned solver card (fewstep learn) or amed:DIR for an AMED "
+                        "checkpoint, which bring their own grid, AFS and NFE")
     p.add_argument("--nfe", type=positive_int, default=None, help="NFE budget (sets num_steps)")
     p.add_argument("--num-steps", type=int_in(2), default=None, help="grid points N instead of --nfe")
     p.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")

@@ -7,8 +7,8 @@ import argparse
 from rich.markup import escape
 
 from ..device import to_device
-from ..evaluation.bench import parse_options
 from ..io import check_output_dir
+from ..methods import parse_options
 from ..models import load_model
 from ..seeds import AMED_TRAINING, run_seed_type
 from ..validate import float_in, int_in, nonnegative_int, positive_float, positive_int

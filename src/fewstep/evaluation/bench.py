@@ -4,64 +4,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import SolverError
+from ..methods import Method, SolverSpec, UnreachableNFE, resolve_method
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
-from ..schedules import get_schedule
-from ..solvers import get_solver, num_steps_for_nfe, sample
+from ..solvers import sample
 from .reference import reference_solution, rmse
 
 DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10)
-
-
-@dataclass
-class SolverSpec:
-    """A solver with options and a schedule, parsed from 'name[:opt=val,...][@schedule[:rho]]'."""
-
-    solver: str
-    options: dict[str, Any] = field(default_factory=dict)
-    schedule: str = ""
-    rho: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> SolverSpec:
-        """E.g. 'dpmpp:max_order=2', 'ipndm@logsnr', 'deis:deis_mode=rhoab@polynomial:5'."""
-        head, _, sched = text.partition("@")
-        name, _, opts = head.partition(":")
-        options = parse_options(opts.split(","))
-        # validate name and options now, not halfway through a benchmark
-        default_sched, default_rho = get_solver(name, **options).recommended_schedule
-        sched_name, _, rho = sched.partition(":")
-        if sched_name in ("gits", "ays"):  # 'gits' (searched per NFE for the model), 'gits:FILE', 'ays:TABLE'
-            return cls(name, options, sched, None)
-        if rho:
-            try:
-                value = float(rho)
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                raise SolverError(f"solver spec {text!r}: the schedule's ρ must be a positive number, got {rho!r}")
-            return cls(name, options, sched_name or default_sched, value)
-        if sched_name in ("", default_sched):
-            return cls(name, options, default_sched, default_rho)
-        return cls(name, options, sched_name, None)  # that schedule's own default ρ
-
-    @property
-    def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        return self.solver + (f"({opts})" if opts else "")
-
-    @property
-    def schedule_label(self) -> str:
-        return self.schedule + (f"(rho={self.rho:g})" if self.rho is not None else "")
 
 
 @dataclass(frozen=True)
@@ -95,28 +54,6 @@ class Record:
         return {**row, **self.metrics}
 
 
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """['max_order=3', 'predict-x0=false'] → {'max_order': 3, 'predict_x0': False} (numbers and booleans parsed)."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (i.strip() for i in items)):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise SolverError(f"bad option {item!r}: use key=value")
-        out[key.strip().replace("-", "_")] = _parse_value(val.strip())
-    return out
-
-
-def _parse_value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def run_bench(
     model: ModelInfo,
     specs: Sequence[SolverSpec],
@@ -129,42 +66,53 @@ def run_bench(
     extra_metrics: Callable[[Any], dict[str, Any]] | None = None,
     learned: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
-    """RMSE to the reference of each solver spec at each NFE (NFEs a solver cannot hit are skipped), of
-    each AMED predictor checkpoint and of each learned solver card at its own NFE — all from the same noise
-    against the same reference. `extra_metrics(samples)` adds its columns to each record (e.g.
-    `fid.bench_fd_metric`: an FD score). Returns the records as `Record.to_json()` rows."""
-    from ..amed.checkpoint import load_checkpoint, sample_checkpoint
-    from ..learned import load_card
-
+    """RMSE to the reference of each method spec at each NFE (NFEs a solver cannot hit are skipped; a card or
+    checkpoint runs once, at its own NFE), then of each AMED checkpoint in `predictors` and each card in
+    `learned` — all from the same noise against the same reference. `afs` applies to the specs without '+afs'.
+    `extra_metrics(samples)` adds its columns to each record (e.g. `fid.bench_fd_metric`: an FD score).
+    Returns the records as `Record.to_json()` rows."""
+    specs = [*specs, *(SolverSpec("amed", path=str(p)) for p in predictors),
+             *(SolverSpec("learned", path=str(p)) for p in learned)]
+    artifacts = [resolve_method(s, model) if s.path else None for s in specs]  # fail early on a bad checkpoint
     seeds = list(range(first_seed, first_seed + n_samples))
-    loaded = [(str(p), *load_checkpoint(p, model)) for p in predictors]  # fail early on a bad checkpoint
-    cards = [(str(p), load_card(p, model)) for p in learned]
     ref = reference_solution(model, seeds, progress=progress)
     noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
-    records: list[Record] = []
+    methods: list[Method] = []
+    for spec, artifact in zip(specs, artifacts):
+        methods += [artifact] if artifact else classic_methods(model, [spec], nfes, afs)
+    rows = measure(model, methods, noise, ref, extra_metrics)
+    return [record.to_json() for record, _ in tqdm(rows, total=len(methods), desc="bench", disable=not progress,
+                                                    leave=False)]
+
+
+def classic_methods(model: ModelInfo, specs: Sequence[SolverSpec], nfes: Sequence[int],
+                    afs: bool = False) -> list[Method]:
+    """Each classic spec at each NFE it can use exactly (`afs` for the specs without '+afs'), spec by spec."""
+    out = []
+    for spec in specs:
+        for target in nfes:
+            try:
+                out.append(resolve_method(spec, model, nfe=target, afs=afs))
+            except UnreachableNFE:
+                continue
+    return out
+
+
+def measure(model: ModelInfo, methods: Iterable[Method], noise: torch.Tensor, ref: torch.Tensor,
+            extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> Iterator[tuple[Record, torch.Tensor]]:
+    """The bench loop: each method sampled from `noise`, its record (RMSE to `ref`, wall time, extra metrics)
+    and its samples."""
     extra = extra_metrics or (lambda x: {})
-    jobs = [(s, n) for s in specs for n in nfes]
-    for spec, target in tqdm(jobs, desc="bench", disable=not progress, leave=False):
-        steps = num_steps_for_nfe(spec.solver, target, afs=afs, **spec.options)
-        if steps is None:
-            continue
-        sched = bench_schedule(spec, steps, model, afs)
+    for method in methods:
         start = time.perf_counter()
-        x = sample(model.denoiser, noise, spec.solver, sched, afs=afs, **spec.options)
-        records.append(Record(spec.label, target, steps, spec.schedule_label, afs, rmse(x, ref),
-                              seconds=time.perf_counter() - start, metrics=extra(x)))
-    for path, predictor, settings in loaded:
-        start = time.perf_counter()
-        x = sample_checkpoint(model, noise, predictor, settings)
-        records.append(Record(settings.label, settings.nfe, settings.num_steps, settings.schedule_label,
-                              settings.afs, rmse(x, ref), seconds=time.perf_counter() - start, predictor=path,
-                              metrics=extra(x)))
-    for path, card in cards:
-        start = time.perf_counter()
-        x = sample(model.denoiser, noise, card.solver())
-        records.append(Record(card.label, card.nfe, card.num_steps, "learned", card.afs, rmse(x, ref),
-                              seconds=time.perf_counter() - start, learned=True, card=path, metrics=extra(x)))
-    return [r.to_json() for r in records]
+        with torch.no_grad():
+            x = sample(model.denoiser, noise, method.solver, method.grid, afs=method.afs)
+        seconds = time.perf_counter() - start
+        kind = method.spec.solver if method.artifact else ""
+        yield Record(method.label, method.nfe, method.num_steps, method.schedule_label, method.afs, rmse(x, ref),
+                     seconds=seconds, predictor=method.spec.path if kind == "amed" else None,
+                     learned=kind == "learned", card=method.spec.path if kind == "learned" else None,
+                     metrics=extra(x)), x
 
 
 # The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.
@@ -194,18 +142,6 @@ def best_per_nfe(records: Sequence[dict[str, Any]], metric: str = "rmse") -> dic
     return best
 
 
-
-
-def bench_schedule(spec: SolverSpec, steps: int, model: ModelInfo, afs: bool = False) -> Any:
-    """The schedule of a bench cell: `gits` is searched for the model (default settings, once per process) and
-    cut to `steps` points by the DP for this solver and AFS setting; every other name goes to `get_schedule`."""
-    if spec.schedule == "gits":
-        from ..gits import cached_search
-
-        return cached_search(model).schedule(steps, afs=afs, solver=spec.solver, solver_options=spec.options)[0]
-    return get_schedule(spec.schedule, steps, model.sigma_min, model.sigma_max, rho=spec.rho, model=model)
-
-
 def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> list[SolverSpec]:
     """Every solver spec on every schedule: 'polynomial', 'logsnr', 'time_uniform', 'name:rho', 'gits' (searched
     per NFE), 'gits:FILE', 'ays:TABLE' — the solver × schedule × NFE grid of `fewstep bench --schedules`."""
@@ -220,14 +156,16 @@ def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> l
             raise SolverError(f"unknown bench schedule {text!r}; use polynomial, logsnr, time_uniform, discrete "
                               "(optionally name:rho), gits, gits:FILE or ays:TABLE")
         for spec in specs:
-            if name in ("gits", "ays"):
-                new = SolverSpec(spec.solver, dict(spec.options), text, None)
+            if spec.path:  # a card or checkpoint runs on its own grid
+                new = spec
+            elif name in ("gits", "ays"):
+                new = SolverSpec(spec.solver, dict(spec.options), text, None, spec.afs)
             else:
                 try:
                     rho = float(arg) if arg else DEFAULT_RHO.get(name)
                 except ValueError:
                     raise SolverError(f"bad rho in bench schedule {text!r}: use name:number") from None
-                new = SolverSpec(spec.solver, dict(spec.options), name, rho)
+                new = SolverSpec(spec.solver, dict(spec.options), name, rho, spec.afs)
             if new not in out:
                 out.append(new)
     return out

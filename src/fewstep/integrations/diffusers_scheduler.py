@@ -9,6 +9,7 @@ VP conversions it shares with `DiffusersDenoiser` live in `vp_table.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,8 @@ from ..amed.features import reduce_to_features
 from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
 from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, timestep_to_sigma
-from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, nfe, run, solver_dtype
+from ..methods import SolverSpec, load_solver_spec
+from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, nfe, run, solver_dtype
 from ..solvers.base import bcast
 from .vp_table import VPTable, _ddpm_from_config
 
@@ -133,25 +135,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                   "the predictor, and the learned per-sample times are passed to it")
             self.predictor = predictor
         self.unet = unet
-        self._solver_options = dict(self.config.solver_options or {})
-        self._card = None
-        if self.config.solver.startswith("learned:"):  # a learned solver card: its own grid and AFS
-            from ..learned import load_card
-
+        loaded = load_solver_spec(self._spec())
+        self._card, self._algo = loaded.card, loaded.solver
+        if self._card is not None:  # a learned solver card: its own grid and AFS
             if self.predictor is not None:
                 raise SolverError("a learned solver card takes no AMED predictor")
-            self._card = load_card(self.config.solver[len("learned:"):])
-            self._algo = self._card.solver()
             self.register_to_config(afs=self._card.afs)
-        else:
-            self._algo = get_solver(self.config.solver, **self._solver_options)
-            if self.predictor is not None:
-                self._algo = AMEDPlugin(self._algo, self.predictor)
+        elif self.predictor is not None:
+            self._algo = AMEDPlugin(self._algo, self.predictor)
         self.order = self._algo.evals_per_step
         self._grid = None
         self._timestep_plans: dict[tuple, torch.Tensor] = {}
         self._reset()
         return self
+
+    def _spec(self) -> SolverSpec:
+        """The configured method: `solver` is a name, 'name:opt=val,...' or 'learned:DIR' (fewstep.methods);
+        the schedule and AFS have their own config keys."""
+        text, options = self.config.solver, dict(self.config.solver_options or {})
+        spec = SolverSpec.parse(text)
+        if spec.path:
+            return spec
+        if "@" in text or spec.afs:
+            raise SolverError(f"solver={text!r}: give the schedule and AFS as schedule=, rho=, afs=")
+        if options and spec.options:
+            raise SolverError(f"solver={text!r} has options; solver_options={options} adds more: give them once")
+        return dataclasses.replace(spec, options={**spec.options, **options})
 
     @property
     def sigma_table(self) -> torch.Tensor:

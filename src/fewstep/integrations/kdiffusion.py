@@ -18,11 +18,13 @@ Every registered solver NAME has `sample_NAME(model, x, sigmas, extra_args=None,
 `thresholding=True` / `threshold_ratio`, and `predictor=` (an AMEDPredictor: the AMED-Plugin of that solver; for
 `sample_amed`, AMED-Solver) with `bottleneck=` (the network module whose output feeds the predictor; without
 one the predictor reads the denoised estimate). The result is returned in x's dtype; the arithmetic runs in
-float32 at least.
+float32 at least. `run_solver(method, model, x, sigmas, …)` takes any method spec of `fewstep.methods` without a
+schedule: 'dpmpp:max_order=2+afs', 'learned:DIR' (a card), 'amed:DIR' (an AMED checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
+from ..methods import SolverSpec, load_solver_spec
 from ..schedules import check_schedule
 from ..solvers import SOLVERS, Evaluator, GridPoint, ModelRequest, Node, Solver, answer, get_solver, run, solver_dtype
 
@@ -41,11 +44,17 @@ _DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio", "predictor", "bottl
 def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                extra_args: dict[str, Any] | None = None, callback: Callable[[dict[str, Any]], Any] | None = None,
                disable: bool | None = None, **options: Any) -> torch.Tensor:
-    """Run fewstep solver `solver` (a name, or a Solver instance such as a learned card) with k-diffusion's
-    calling convention (see the module docstring)."""
+    """Run `solver` with k-diffusion's calling convention (see the module docstring): a Solver instance, or a
+    method spec without a schedule (k-diffusion gives the grid): a name or 'name:opt=val,...[+afs]',
+    'learned:DIR' (a card: `sigmas` must be its grid) or 'amed:DIR' (an AMED checkpoint)."""
     extra_args = {} if extra_args is None else extra_args
     driver = {k: options.pop(k) for k in _DRIVER_OPTIONS if k in options}
-    algo = solver if isinstance(solver, Solver) else get_solver(solver, **options)
+    if isinstance(solver, Solver):
+        algo = solver
+    else:
+        loaded = load_solver_spec(_spec(solver, options), bottleneck=driver.get("bottleneck"))
+        algo = loaded.solver
+        driver.setdefault("afs", loaded.afs)
     if driver.get("predictor") is not None:
         algo = AMEDPlugin(algo, driver["predictor"], driver.get("bottleneck"))
     user_sigmas = sigmas
@@ -89,6 +98,19 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
         else:  # [σ, 0]: a single denoising call
             state = evaluate(ModelRequest(state, grid, grid, 0, grid_point=True)).denoised
     return state.to(x.dtype)
+
+
+def _spec(text: str, options: dict[str, Any]) -> SolverSpec:
+    """A method spec for a k-diffusion grid: options from the spec or the keywords, no schedule."""
+    spec = SolverSpec.parse(text)
+    if "@" in text and not spec.path:
+        raise SolverError(f"{text!r}: k-diffusion gives the grid (sigmas); drop '@schedule'")
+    if options:
+        if spec.path or spec.options:
+            raise SolverError(f"{text!r} takes no further options, got {sorted(options)}")
+        spec = dataclasses.replace(spec, options=options)
+        get_solver(spec.solver, **options)  # unknown options: an error now
+    return spec
 
 
 def _make(name: str) -> Callable[..., torch.Tensor]:
