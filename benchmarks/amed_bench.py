@@ -21,10 +21,10 @@ from fewstep.amed.checkpoint import sample_checkpoint
 from fewstep.amed.recipes import recipe
 from fewstep.amed.train import train
 from fewstep.evaluation.bench import DEFAULT_SOLVERS, SolverSpec
-from fewstep.evaluation.reference import reference_solution, rmse
 from fewstep.io import write_json, write_text
 from fewstep.models import load_model
 from fewstep.noise import seeded_noise
+from fewstep.reference import reference_solution, rmse
 from fewstep.solvers import num_steps_for_nfe
 
 # table label → recipe name in fewstep.amed.recipes ("paper" rows follow docs/maths.md §8 exactly)

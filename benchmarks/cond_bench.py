@@ -30,9 +30,9 @@ from fewstep.amed.recipes import recipe
 from fewstep.amed.train import train
 from fewstep.conditioning import ConditionSpec, conditioned_model, conditions_for_seeds
 from fewstep.evaluation.bench import SolverSpec, best_per_nfe, run_bench
-from fewstep.evaluation.reference import reference_solution
 from fewstep.io import write_json, write_text
 from fewstep.models import load_classifier, load_model
+from fewstep.reference import reference_solution
 
 SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
 

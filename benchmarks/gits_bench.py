@@ -25,11 +25,11 @@ import torch
 
 import fewstep
 from fewstep.errors import ModelError
-from fewstep.evaluation.reference import reference_solution, rmse
 from fewstep.gits import DEFAULT_GAMMA, GitsSearch
 from fewstep.io import write_json, write_text
 from fewstep.models import load_model
 from fewstep.noise import seeded_noise
+from fewstep.reference import reference_solution, rmse
 from fewstep.solvers import num_steps_for_nfe
 
 SOLVER, OPTIONS = "ipndm", {"max_order": 4}

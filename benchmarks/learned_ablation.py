@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from fewstep.evaluation.bench import markdown_table
-from fewstep.evaluation.reference import reference_solution, rmse
 from fewstep.io import write_text
 from fewstep.learned.train import LearnConfig, learn
 from fewstep.models import load_model
 from fewstep.noise import seeded_noise
+from fewstep.reference import reference_solution, rmse
 from fewstep.schedules import get_schedule
 from fewstep.solvers import sample
 

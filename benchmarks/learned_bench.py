@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from fewstep.io import write_json, write_text
-from fewstep.learned.tune import tune
 from fewstep.models import load_model
+from fewstep.tune import tune
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -159,7 +159,7 @@ def test_training_reduces_loss_and_error(tmp_path):
     assert stats["iterations"] == 40
     assert sum(curve[-5:]) / 5 < 0.8 * curve[0], curve  # a real margin, not noise
     # and on evaluation seeds disjoint from training: better than the untrained predictor
-    from fewstep.evaluation.reference import reference_solution, rmse
+    from fewstep.reference import reference_solution, rmse
     from fewstep.noise import seeded_noise
 
     seeds = list(range(64))

@@ -129,6 +129,38 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
+# package → the packages nothing it imports may reach (lazy imports and imports of imports included)
+LAYERS = {
+    "solvers": ("amed", "learned", "evaluation", "integrations", "cli"),
+    "models": ("solvers",),
+    "learned": ("evaluation",),
+    "gits": ("evaluation",),
+}
+
+
+def test_package_layering():
+    """The package rules above, on the module graph; and nothing but the command line itself (and `python -m
+    fewstep`) imports `fewstep.cli`. A failure names the module and what it reaches."""
+    graph = module_imports()
+    package = lambda name: name.split(".")[1] if "." in name else ""  # noqa: E731
+
+    def reach(name: str) -> set[str]:
+        seen, todo = set(), [name]
+        while todo:
+            for dep in graph.get(todo.pop(), ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    broken = [f"{name} reaches {dep}" for name in sorted(graph) for dep in sorted(reach(name))
+              if package(dep) in LAYERS.get(package(name), ())]
+    broken += [f"{name} imports {dep}" for name in sorted(graph) if package(name) != "cli"
+               and name != "fewstep.__main__" for dep in sorted(graph[name]) if package(dep) == "cli"]
+    assert set(LAYERS) <= {package(n) for n in graph}
+    assert not broken, "\n".join(broken)
+
+
 def test_solvers_know_nothing_of_amed():
     """The core loop and the solvers name no AMED concept: the plugin is a Solver wrapper in fewstep.amed. Words
     in any text (comments, strings); 'predictor' as an identifier (UniPC's predictor–corrector is its own)."""

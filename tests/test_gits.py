@@ -207,8 +207,8 @@ def test_every_solver_runs_on_a_gits_schedule(solver, schedule_file):
 
 
 def test_bench_schedule_grid(tmp_path, monkeypatch, schedule_file, search):
-    from fewstep import gits
-    from fewstep.evaluation import bench, reference
+    from fewstep import gits, reference
+    from fewstep.evaluation import bench
 
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bench, "reference_solution",  # a cheap reference: this test checks the plumbing only

@@ -251,7 +251,7 @@ def test_tune_keeps_the_best_validated_card_and_reports_the_true_ratio(tmp_path)
     """tune on two families: the `best` card is the one with the lower validation RMSE, and each table row's
     ratio is that card's test RMSE over the best classic solver's (solvers × schedules × AFS) on the same seeds."""
     from fewstep.evaluation.bench import best_per_nfe, run_bench, run_best_classic
-    from fewstep.learned.tune import Family, tune
+    from fewstep.tune import Family, tune
 
     # no time budget: both families train their 6 iterations however slow the machine
     cfg = LearnConfig(pairs=32, val_pairs=16, iters=6, batch=16, lr=0.05, loss="rmse", teacher_steps=100)
@@ -274,7 +274,7 @@ def test_tune_keeps_the_best_validated_card_and_reports_the_true_ratio(tmp_path)
 def test_tune_cli_writes_the_table(tmp_path, capsys):
     """Iterations, not seconds, bound the run: with a budget no machine reaches, every family trains its 2
     iterations and the best card is the lowest validation RMSE among them, on any machine at any load."""
-    from fewstep.learned.tune import FAMILIES
+    from fewstep.tune import FAMILIES
 
     out = tmp_path / "tune"
     assert main(["tune", "--model", "gmm", "--nfe", "2", "--budget", "1e9", "--n", "16", "--pairs", "16", "--iters",

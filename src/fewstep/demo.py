@@ -20,12 +20,12 @@ from .amed.recipes import recipe
 from .amed.train import train
 from .evaluation.bench import DEFAULT_SOLVERS, classic_methods, markdown_table, measure, table_rows
 from .evaluation.plots import plot_error_vs_nfe
-from .evaluation.reference import reference_solution
 from .io import atomic_write, write_json, write_text
 from .learned.train import LearnConfig, learn
 from .methods import Method, SolverSpec, resolve_method
 from .models.registry import ModelInfo
 from .noise import seeded_noise
+from .reference import reference_solution
 from .sampling import to_uint8
 
 DEMO_NFES = (3, 4, 5, 6, 7, 8, 9, 10)

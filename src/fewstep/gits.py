@@ -254,7 +254,7 @@ class GitsSearch:
             raise FewstepError("afs_mode='insert' needs the model and warm-up states of a search made by run()")
         if path[1] < 2:
             return None
-        from .evaluation.reference import rmse
+        from .reference import rmse
 
         noise = seeded_noise(range(self.first_seed, self.first_seed + self.warmup), self.model_info.shape)
         best, best_err = None, math.inf

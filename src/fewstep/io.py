@@ -1,13 +1,18 @@
-"""Atomic file writes: a file is either absent or complete, never half-written."""
+"""Atomic file writes (a file is either absent or complete, never half-written), output-path checks, and the
+disk cache of computed tensors (reference solutions, teacher pairs)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import FewstepError
 
@@ -100,3 +105,26 @@ def check_output_dir(path: str | os.PathLike, option: str) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise FewstepError(f"{option} {p}: {parent} is not writable")
             break
+
+
+def cache_dir() -> Path:
+    """$FEWSTEP_CACHE, else ~/.cache/fewstep."""
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+
+
+def cached_tensor(path: Path, compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
+    """The tensor cached at `path` (a safetensors file under `cache_dir()`), else `compute()`, written atomically
+    (when `write`: under torchrun only rank 0 writes). An unreadable cache file is recomputed, not trusted."""
+    if path.exists():
+        try:
+            return load_file(path)["x"]
+        except Exception as e:  # a corrupt or foreign file: recompute rather than trust it
+            warnings.warn(f"ignoring unreadable cache file {path}: {e}", stacklevel=3)
+    x = compute().contiguous()
+    if write:
+        try:
+            atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
+        except OSError as e:
+            raise FewstepError(f"cannot write the cache {path.parent} ({e.strerror or e}); set $FEWSTEP_CACHE to a "
+                               "writable folder") from e
+    return x

@@ -86,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..learned.tune import default_config, tune
+    from ..tune import default_config, tune
 
     check_output_dir(args.out, "--out")
     model, conditions, binder = _conditions(args, to_device(load_model(args.model), args.device))

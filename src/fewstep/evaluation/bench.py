@@ -16,8 +16,8 @@ from ..errors import SolverError
 from ..methods import Method, SolverSpec, UnreachableNFE, resolve_method
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
+from ..reference import reference_solution, rmse
 from ..solvers import sample
-from .reference import reference_solution, rmse
 
 DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10)

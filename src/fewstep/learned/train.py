@@ -171,7 +171,7 @@ def teacher_setup(model: ModelInfo, cfg: LearnConfig) -> tuple[str, dict[str, An
     """(solver, options, grid points) of the teacher. 'auto': the benchmark's reference solver (Heun, 1 000 points)
     on analytic models; DEIS-tAB order 4 with 60 points on networks (RMSE 3e-4 to the 500-point Heun reference
     on `digits`, at 1/17 of its cost)."""
-    from ..evaluation.reference import REFERENCE_SOLVER, REFERENCE_STEPS
+    from ..reference import REFERENCE_SOLVER, REFERENCE_STEPS
 
     if cfg.teacher != "auto":
         return cfg.teacher, dict(cfg.teacher_options), cfg.teacher_steps or REFERENCE_STEPS
@@ -185,7 +185,7 @@ def teacher_pairs(model: ModelInfo, seeds: list[int], cfg: LearnConfig, bind: Ca
     """x_teacher for each seed (float64, cached on disk by model, seeds, teacher and conditions); the expensive
     part on a network, computed once and shared by every card of that model. Under torchrun the seeds are
     sharded across ranks and gathered."""
-    from ..evaluation.reference import cache_dir, cached_tensor
+    from ..io import cache_dir, cached_tensor
 
     teacher, options, steps = teacher_setup(model, cfg)
     ident = repr((model.name, model.fingerprint, seeds, teacher, sorted(options.items()), steps, cfg.conditions))

@@ -1,7 +1,8 @@
 """The shipped digit classifier: a small CNN trained on the held-out split of sklearn digits.
 
 It is the project's own feature network for FID-style scores (`penultimate(x)`: 128 post-ReLU features) and the
-acceptance check of the `digits` U-Net (the fraction of samples it recognises with confidence ≥ 0.5). It never saw
+judge of the `digits` U-Net's acceptance check (`fewstep.evaluation.quality`: the fraction of samples it
+recognises with confidence ≥ 0.5). It never saw
 the images the diffusion model was trained on, and vice versa (fixed split, `digits.split_indices`).
 
 Inputs are images in [−1, 1], [B, 1, H, W]; other sizes than the classifier's resolution are resized bilinearly.
@@ -72,38 +73,6 @@ def recognised_fraction(classifier: DigitClassifier, images: torch.Tensor, thres
     """Fraction of images the classifier assigns to some digit with probability ≥ threshold."""
     _, conf = classifier.predict(images)
     return float((conf >= threshold).float().mean())
-
-
-def heun_samples(denoiser: Any, n: int = 1000, shape: tuple[int, ...] = (1, 16, 16), num_steps: int = 51,
-                 first_seed: int = 0, batch: int = 250) -> torch.Tensor:
-    """n samples (seeds first_seed…) with EDM Heun on the polynomial ρ = 7 grid, 0.002…80 (num_steps points)."""
-    from ..noise import seeded_noise
-    from ..schedules import get_schedule
-    from ..solvers import sample
-
-    sched = get_schedule("polynomial", num_steps, 0.002, 80.0)
-    out = []
-    for i in range(first_seed, first_seed + n, batch):
-        seeds = list(range(i, min(i + batch, first_seed + n)))
-        out.append(sample(denoiser, seeded_noise(seeds, shape, torch.float32), "heun", sched).float())
-    return torch.cat(out)
-
-
-def sample_quality(denoiser: Any, n: int = 1000, num_steps: int = 51, threshold: float = 0.5,
-                   classifier: DigitClassifier | None = None, shape: tuple[int, ...] = (1, 16, 16)) -> dict[str, Any]:
-    """The acceptance check of a digits model: n EDM-Heun samples (seeds 0…n−1, num_steps points, i.e.
-    2·(num_steps−1) = 100 NFE for 51 points), the fraction the classifier recognises with confidence ≥ threshold,
-    the mean confidence and the histogram of predicted digits (among the recognised samples)."""
-    clf = classifier or load_classifier()
-    x = heun_samples(denoiser, n, shape, num_steps)
-    labels, conf = clf.predict(x)
-    ok = conf >= threshold
-    return {
-        "samples": n, "solver": "heun", "num_steps": num_steps, "schedule": "polynomial rho=7, 0.002..80",
-        "threshold": threshold, "recognised_fraction": float(ok.float().mean()),
-        "mean_confidence": float(conf.mean()),
-        "class_histogram": torch.bincount(labels[ok], minlength=10).tolist(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- train / save

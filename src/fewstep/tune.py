@@ -3,6 +3,7 @@
 For each NFE the starting grid of each base is the schedule (of BEST_CLASSIC_SCHEDULES) on which that base is
 best on the *validation* pairs, so no test seed takes part in any choice. The chosen card is then measured on the
 test seeds beside the best classic solver over solvers × schedules × AFS (`evaluation.bench.run_best_classic`).
+It sits above both `learned` (the fitting) and `evaluation` (the yardstick), as the demo does.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from typing import Any
 
 import torch
 
-from ..evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_bench, run_best_classic
-from ..io import write_json, write_text
-from ..models.registry import ModelInfo
-from ..noise import seeded_noise
-from ..schedules import get_schedule
-from ..seeds import EVALUATION, VALIDATION
-from ..solvers import sample
-from ..solvers.base import Denoiser
-from .card import Card, save_card
-from .train import LearnConfig, learn, sample_error, teacher_pairs
+from .evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_bench, run_best_classic
+from .io import write_json, write_text
+from .learned.card import Card, save_card
+from .learned.train import LearnConfig, learn, sample_error, teacher_pairs
+from .models.registry import ModelInfo
+from .noise import seeded_noise
+from .schedules import get_schedule
+from .seeds import EVALUATION, VALIDATION
+from .solvers import sample
+from .solvers.base import Denoiser
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
     test_seeds = EVALUATION.seeds(n_test, option="--n")  # what bench measures on: seeds 0 … n_test − 1
     test_model = model
     if conditions is not None:  # the test seeds' conditions drawn from the same distribution
-        from ..conditioning import ConditionSpec, conditioned_model
+        from .conditioning import ConditionSpec, conditioned_model
 
         test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(test_seeds))
     base_cfg = base_config or default_config(model)
@@ -138,7 +139,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write
+    from .io import atomic_write
 
     nfes = [r["nfe"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))

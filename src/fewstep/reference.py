@@ -1,32 +1,22 @@
-"""Reference ODE solutions: a very fine solve from the same noise, computed once and cached on disk."""
+"""Reference ODE solutions: a very fine solve from the same noise, computed once and cached on disk, and the
+error measure against them (`rmse`). The benchmark's yardstick and the default teacher of learned cards."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..errors import FewstepError
-from ..io import atomic_write
-from ..models.registry import ModelInfo
-from ..noise import seeded_noise
-from ..schedules import get_schedule
-from ..solvers import sample
+from .io import cache_dir, cached_tensor
+from .models.registry import ModelInfo
+from .noise import seeded_noise
+from .schedules import get_schedule
+from .solvers import sample
 
 REFERENCE_SOLVER = "heun"
 REFERENCE_STEPS = 1000  # grid points of polynomial ρ = 7: 1 998 NFE; its error is ~1e-6 on the analytic models
 NETWORK_REFERENCE_STEPS = 500  # networks (docs/maths.md §11: a 500+-step Heun solve): 998 NFE
-
-
-def cache_dir() -> Path:
-    """$FEWSTEP_CACHE, else ~/.cache/fewstep."""
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
 
 
 def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
@@ -35,24 +25,6 @@ def _key(model: ModelInfo, seeds: list[int], num_steps: int) -> str:
     # conditions and guidance (docs/maths.md, "Conditions and guidance")
     name += f"-c{model.condition_key}" if model.condition_key else ""
     return f"ref-{name}-s{seeds[0]}-n{len(seeds)}-{seed_hash}-{REFERENCE_SOLVER}{num_steps}"
-
-
-def cached_tensor(path: Path, compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
-    """The tensor cached at `path` (a safetensors file under `cache_dir()`), else `compute()`, written atomically
-    (when `write`: under torchrun only rank 0 writes). An unreadable cache file is recomputed, not trusted."""
-    if path.exists():
-        try:
-            return load_file(path)["x"]
-        except Exception as e:  # a corrupt or foreign file: recompute rather than trust it
-            warnings.warn(f"ignoring unreadable cache file {path}: {e}", stacklevel=3)
-    x = compute().contiguous()
-    if write:
-        try:
-            atomic_write(path, lambda tmp: save_file({"x": x}, tmp))
-        except OSError as e:
-            raise FewstepError(f"cannot write the cache {path.parent} ({e.strerror or e}); set $FEWSTEP_CACHE to a "
-                               "writable folder") from e
-    return x
 
 
 def reference_solution(
