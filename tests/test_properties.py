@@ -1,4 +1,4 @@
-"""Property tests (issue 8): schedules, every solver on the Gaussian mixture, exact NFE counting.
+"""Property tests: schedules, every solver on the Gaussian mixture, exact NFE counting.
 
 Bounded example counts and no deadline (the machine is shared and noisy); derandomized so that every run
 checks the same examples (no flakiness). The whole file runs in well under 30 s.
@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
