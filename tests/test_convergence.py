@@ -60,7 +60,10 @@ import fewstep
 from fewstep.models import GaussianMixture
 from fewstep.solvers import SOLVERS
 from fewstep.solvers.base import bcast
-from fewstep.solvers.exponential import DPMSolverPP, lam
+from fewstep.frames import EDM
+from fewstep.solvers.exponential import DPMSolverPP
+
+lam = EDM.lam
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 200.0
 # intervals N − 1 of the two grids whose log-log slope is asserted, by expected order (low orders are
@@ -195,7 +198,10 @@ class _DPMSolverPP3Exact(DPMSolverPP):
         phi1 = torch.expm1(hb)
         phi2 = phi1 / hb - 1
         phi3 = phi2 / hb - 0.5
-        return self.combine(x, n0, t_next, phi1 * m0 + phi2 * d1 + 2 * phi3 * d2, scale)
+        terms = scale * (phi1 * m0 + phi2 * d1 + 2 * phi3 * d2)
+        if self.predict_x0:  # x_{n+1} = (t_{n+1}/t_n)·x_n − terms (data) or x_n − t_{n+1}·terms (noise)
+            return bcast(t_next / n0.sigma, x) * x - terms
+        return x - bcast(t_next, x) * terms
 
 
 @pytest.mark.parametrize("predict_x0", [True, False])

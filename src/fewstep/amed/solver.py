@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import SolverError
+from ..frames import EDM, Frame
 from ..solvers.base import (
     SOLVERS, FeatureFn, ModelRequest, Node, Option, Solver, StepInfo, Substep, bcast, midpoint_sigma, register,
     request,
@@ -94,9 +96,12 @@ class AMEDPlugin(Solver):
     def resolve_afs(self, afs: bool | None) -> bool:
         return self.base.resolve_afs(afs)
 
-    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
+    def check_frame(self, frame: Frame) -> None:
+        self.base.check_frame(frame)
+
+    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor, frame: Frame = EDM) -> Node:
         """The base's analytic first node, with zero features: no model call was made there."""
-        node = self.base.afs_node(x, sigma)
+        node = self.base.afs_node(x, sigma, frame)
         feature_dim = self._predictor().feature_dim
         return Node(node.sigma, node.x, node.denoised, torch.zeros(x.shape[0], feature_dim, device=x.device))
 
@@ -119,16 +124,17 @@ class AMEDPlugin(Solver):
         so that the loop's evaluation there corrects it as it would the base's own step."""
         control = self.control(hist[-1], t_next)
         c = bcast(control.c, x)
+        s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
+        a = torch.minimum(control.a, info.frame.max_time / s.detach())  # a flow model is called at times ≤ 1
         base = self.base
         if isinstance(base, TwoStage):
-            x_next = yield from base.ratio_stages(x, hist, t_next, info, control.r, c, control.a)
+            x_next = yield from base.ratio_stages(x, hist, t_next, info, control.r, c, a)
             return Substep(x_next, x, hist, info, c)
-        s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
-        first = StepInfo(2 * info.index, 2 * info.steps_left, info.sigma_min, info.sigma_max)
+        first = replace(info, index=2 * info.index, steps_left=2 * info.steps_left)
         y = yield from base.stages(x, hist, s, first)
-        hist = [*hist[-base.history :], (yield from request(y, s, info.index, model_sigma=control.a * s))]
+        hist = [*hist[-base.history :], (yield from request(y, s, info.index, model_sigma=a * s))]
         y = base.correct(x, y, hist, first)
-        second = StepInfo(2 * info.index + 1, 2 * info.steps_left - 1, info.sigma_min, info.sigma_max)
+        second = replace(info, index=2 * info.index + 1, steps_left=2 * info.steps_left - 1)
         x_next = yield from base.stages(y, hist, t_next, second, scale=c)
         return Substep(x_next, y, hist, second, c)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import SolverError
+from ..frames import EDM, Frame
 from ..solvers import nfe
 from ..solvers.base import Node, Solver, StepInfo, bcast, get_solver
 
@@ -77,10 +78,10 @@ class LearnedSolver(Solver):
             raise SolverError(f"this card was learned with afs={self.afs}; it cannot run with afs={bool(afs)}")
         return self.afs
 
-    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
+    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor, frame: Frame = EDM) -> Node:
         """AFS's analytic first node, plus a learned shift μ of D_0 (one value per data dimension): plain AFS
         assumes zero-mean data, and μ learns what the data's mean adds to E[x_0 | x_T]."""
-        node = super().afs_node(x, sigma)
+        node = super().afs_node(x, sigma, frame)
         if not self._live["afs_shift"]:
             return node
         shift = self.afs_shift.to(device=x.device, dtype=x.dtype).reshape(1, *x.shape[1:])

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import DenoiserError, SolverError
+from ..frames import EDM, Frame
 from ..schedules import get_schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,13 +74,15 @@ def request(x: torch.Tensor, sigma: torch.Tensor, index: int, model_sigma: torch
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where a step sits in the run: its index, how many intervals remain (this one included), and the
-    schedule's σ range (DEIS-tAB fits its VP time to it)."""
+    """Where a step sits in the run: its index, how many steps remain (this one and a final denoise included),
+    the schedule's σ range (DEIS-tAB fits its VP time to it) and the frame the run integrates in (its α and λ
+    for the exponential integrators, docs/maths.md §15)."""
 
     index: int
     steps_left: int
     sigma_min: float
     sigma_max: float
+    frame: Frame = EDM
 
 
 Coefficient = "torch.Tensor | float"
@@ -106,10 +109,10 @@ def affine(x: torch.Tensor, a: torch.Tensor | float, terms: list[tuple[torch.Ten
     return out
 
 
-def afs_node(x: torch.Tensor, sigma: torch.Tensor) -> Node:
-    """Analytical first step (docs/maths.md §7): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, no model."""
-    s = bcast(sigma, x)
-    return Node(sigma, x, x - s * x / torch.sqrt(1 + s**2), features=None)
+def afs_node(x: torch.Tensor, sigma: torch.Tensor, frame: Frame = EDM) -> Node:
+    """Analytical first step (docs/maths.md §7, §15): d_0 = x_0/√(1 + t_0²), i.e. D_0 = x_0 − t_0·d_0, in the
+    EDM frame (the flow frame's D_0 is that rule mapped through σ = t/(1 − t), 0 at t = 1), no model."""
+    return Node(sigma, x, frame.afs_denoised(x, bcast(sigma, x)), features=None)
 
 
 class Evaluator:
@@ -242,9 +245,12 @@ class Solver:
         """The AFS setting of a run: the caller's (default off); a learned card fixes its own."""
         return bool(afs)
 
-    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor) -> Node:
+    def check_frame(self, frame: Frame) -> None:
+        """Refuse a frame this solver cannot integrate in; the loop asks once per run. Any frame by default."""
+
+    def afs_node(self, x: torch.Tensor, sigma: torch.Tensor, frame: Frame = EDM) -> Node:
         """The first node under AFS (no model call): `afs_node`'s analytic D_0; a learned card may refine it."""
-        return afs_node(x, sigma)
+        return afs_node(x, sigma, frame)
 
     def eval_sigma(self, sigma: torch.Tensor, index: int) -> torch.Tensor | None:
         """The σ at which the driver calls the model for grid point `index` (None: σ itself). A learned card's

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SolverError
+from ..frames import EDM, Frame, frame_of, get_frame
 from ..schedules import check_schedule
 from .base import Denoiser, Evaluator, ModelRequest, Node, Solver, StepInfo, get_solver, request
 
@@ -41,9 +42,10 @@ Run = Generator["ModelRequest | GridPoint", "Node | torch.Tensor | GridPoint | N
 
 
 def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
-        denoise_to_zero: bool = False) -> Run:
+        denoise_to_zero: bool = False, frame: Frame = EDM) -> Run:
     """Run `algo` over the grid `sigmas` (float64, validated) from the state x at sigmas[0]; returns the final
-    state, or D(x, σ_min) with `denoise_to_zero`.
+    state, or D(x, σ_min) with `denoise_to_zero`. `frame` names the coordinates (fewstep.frames): EDM σ-space,
+    or a flow model's (x_t, t), where the grid may start at t = 1 exactly.
 
     The state arriving at every grid point but the last is evaluated (at `algo.eval_sigma`, or AFS's analytic
     node at the first) and may be refined by the solver's corrector. Yields a `ModelRequest` per model call
@@ -51,11 +53,13 @@ def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
     continue from).
     """
     algo.check_grid(sigmas)
+    algo.check_frame(frame)
+    frame.check_times(sigmas.detach())
     n_int = len(sigmas) - 1
     t = [sigmas[i : i + 1] for i in range(len(sigmas))]
     lo, hi = float(sigmas[-1].detach()), float(sigmas[0].detach())
     if afs:
-        node = algo.afs_node(x, t[0])
+        node = algo.afs_node(x, t[0], frame)
     else:
         node = yield from request(x, t[0], 0, algo.eval_sigma(t[0], 0), grid_point=True)
     x, hist = node.x, [node]
@@ -63,7 +67,8 @@ def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
     if reply is not None:
         x, hist = reply.x, reply.hist
     for i in range(n_int):
-        sub = yield from algo.advance(x, hist, t[i + 1], StepInfo(i, n_int - i, lo, hi))
+        info = StepInfo(i, n_int - i + int(denoise_to_zero), lo, hi, frame)  # the final denoise is a step too
+        sub = yield from algo.advance(x, hist, t[i + 1], info)
         stepped, hist, node = sub.x_next, sub.hist, None
         x = stepped
         if i + 1 < n_int:  # evaluate the arrived state (every point but the last), maybe correct it
@@ -103,10 +108,11 @@ def integrate(
     trajectory: list[torch.Tensor] | None = None,
     progress: bool = False,
     denoise_to_zero: bool = False,
+    frame: Frame | None = None,
 ) -> torch.Tensor:
     """`run` answered by `ev`: the final state (autograd flows through it). `trajectory`, when given, receives
-    the state at every grid point after the first."""
-    steps = run(algo, x, sigmas, afs, denoise_to_zero)
+    the state at every grid point after the first. The frame defaults to the one the denoiser declares."""
+    steps = run(algo, x, sigmas, afs, denoise_to_zero, frame or frame_of(ev.denoiser))
     if not progress and trajectory is None:
         return answer(steps, ev.answer)
     with tqdm(total=len(sigmas) - 1, disable=not progress, desc=algo.name, leave=False) as bar:
@@ -141,11 +147,12 @@ def sample(
     *,
     num_steps: int | None = None,
     afs: bool | None = None,
-    denoise_to_zero: bool = False,
+    denoise_to_zero: bool | None = None,
     return_trajectory: bool = False,
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
     progress: bool = False,
+    frame: Frame | str | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from x_T = schedule[0]·noise down to schedule[-1].
@@ -157,7 +164,13 @@ def sample(
     Returns the state at σ_min (or D(x, σ_min) with `denoise_to_zero`), or with `return_trajectory` a tensor
     [N, *noise.shape] of the state at every grid point (its last entry is what would be returned otherwise,
     the denoised output when `denoise_to_zero`). `options` are the solver's own (see `fewstep solvers`).
+    `frame` ('edm', 'flow'; default: the denoiser's `frame` attribute, else EDM) names the coordinates: a flow
+    model's denoiser is D(x_t, t) on a grid of flow times that may start at t = 1 (docs/maths.md §15), and its
+    run ends with the step to t = 0 (`denoise_to_zero` defaults to the frame's choice: on for flow models).
     """
+    frame = get_frame(frame) if frame is not None else frame_of(denoiser)
+    if denoise_to_zero is None:
+        denoise_to_zero = frame.final_denoise
     algo = resolve(solver, options)
     afs = algo.resolve_afs(afs)
     if schedule is None:
@@ -177,7 +190,7 @@ def sample(
     threshold = threshold_ratio if thresholding else None
     with algo.node_features() as features:
         x = integrate(algo, Evaluator(denoiser, threshold, features), x, sigmas, afs=afs, trajectory=traj,
-                      progress=progress, denoise_to_zero=denoise_to_zero)
+                      progress=progress, denoise_to_zero=denoise_to_zero, frame=frame)
     if traj is not None and denoise_to_zero:
         traj[-1] = x
     return torch.stack(traj) if traj is not None else x
@@ -200,7 +213,7 @@ def sample_with_directions(denoiser: Denoiser, noise: torch.Tensor, solver: str,
             found[point.index] = point.node.d
 
     with torch.no_grad():
-        answer(run(algo, x, sigmas, afs), Evaluator(denoiser).answer, on_grid_point)
+        answer(run(algo, x, sigmas, afs, frame=frame_of(denoiser)), Evaluator(denoiser).answer, on_grid_point)
         states = torch.stack(traj)
         missing = [i for i in range(len(sigmas) - 1) if i not in found]
         if missing:
