@@ -18,7 +18,12 @@ D(x, σ) (docs/maths.md §2, discrete VP models):
   that receives the `mid_block` output of the conditional rows during every call (AMED's features; a forward
   hook on it works like a hook on the mid_block of an unguided model).
 
-`FewstepScheduler` runs any fewstep solver inside an unchanged diffusers pipeline. How it works:
+`DiffusersFlowDenoiser` wraps a diffusers flow transformer (SD3, Flux, Wan, …) as the flow-frame D(x_t, t) =
+x_t − t·v (docs/maths.md §15): its `frame` is `fewstep.frames.FLOW`, so `fewstep.sample(den, noise, solver,
+grid)` starts at x_1 = noise on a flow-time grid and ends with the step to t = 0.
+
+`FewstepScheduler` runs any fewstep solver inside an unchanged diffusers pipeline (VP pipelines; flow pipelines
+from a FlowMatch* / `use_flow_sigmas` config, see `diffusers_flow`). How it works:
 
 * **All solver maths stays in fewstep.** The scheduler runs fewstep's driver (`fewstep.solvers.run`, the
   generator behind `fewstep.sample`): it yields one request per model evaluation, and `step()` answers the
@@ -52,8 +57,13 @@ D(x, σ) (docs/maths.md §2, discrete VP models):
   (the predictor's choice for zero features), the entry is rewritten in place as soon as s_n is known, and a
   forward pre-hook on the unet substitutes the exact per-sample timesteps while the scheduler is armed (between
   `scale_model_input` and `step`). Hooks exist only during a run.
-* Not supported: starting part-way (img2img / inpainting with strength < 1: `set_begin_index(k > 0)` raises),
-  stochastic samplers (fewstep's solvers are ODE solvers; `eta`/`generator` are not accepted).
+* **Flow pipelines** (a FlowMatch* config, or UniPC / DPM with `use_flow_sigmas`): the latents are x_t
+  (`init_noise_sigma` = 1), the network output is the velocity, `set_timesteps(N, device, sigmas=, mu=,
+  timesteps=)` as Flux / SD3 call it (`sigmas` shifted once), `timesteps` = t·1000; img2img starts part-way
+  (`scale_noise`, `set_begin_index` at a grid point). Flow pipelines feed their latents to the network without
+  `scale_model_input`, so AFS's first call (and AMED's per-sample times) need `unet=pipe.transformer`.
+* Not supported: starting part-way on VP models (img2img / inpainting with strength < 1: `set_begin_index(k > 0)`
+  raises), stochastic samplers (fewstep's solvers are ODE solvers; `eta`/`generator` are not accepted).
 """
 
 from __future__ import annotations
@@ -71,7 +81,9 @@ except ImportError as e:  # pragma: no cover - the optional extra is missing
 
 from ..conditioning import batch_rows
 from ..errors import ModelError
+from ..frames import FLOW
 from ..models.registry import ModelInfo
+from ..solvers.base import bcast
 from .diffusers_scheduler import FewstepScheduler
 from .vp_table import PREDICTION_TYPES, VPTable, alphas_cumprod_from_config  # noqa: F401  (re-exported)
 
@@ -181,6 +193,87 @@ class DiffusersDenoiser:
         return self.table.denoised(x, sigma, out)
 
 
+class DiffusersFlowDenoiser:
+    """A diffusers flow transformer (SD3, Flux, Wan, …) as fewstep's flow-frame denoiser D(x_t, t) = x_t − t·v.
+
+    `x` is what the pipeline's latents are (Flux: packed [B, L, C·4]); the network is called as the pipelines
+    call it: `transformer(hidden_states=x_t, timestep=t·time_scale, encoder_hidden_states=…,
+    pooled_projections=…, guidance=…, **transformer_kwargs)`. `time_scale` defaults to 1 for Flux / Qwen-Image
+    transformers (their pipelines pass t) and 1000 otherwise (SD3, Wan: t·1000). With
+    `negative_encoder_hidden_states` (and `negative_pooled_projections`) and `guidance_scale` ≠ 1, classifier-free
+    guidance runs on the doubled batch [uncond; cond] as SD3's pipeline does. `guidance` is Flux's embedded
+    (distilled) guidance value; `transformer_kwargs` carries e.g. Flux's `img_ids` / `txt_ids`. Prompt
+    embeddings have 1 or B rows. `t_min` is the end of the model's flow-time range (`sigma_min`; `sigma_max` = 1).
+    """
+
+    frame = FLOW
+
+    def __init__(self, transformer: nn.Module, *, encoder_hidden_states: torch.Tensor | None = None,
+                 pooled_projections: torch.Tensor | None = None,
+                 negative_encoder_hidden_states: torch.Tensor | None = None,
+                 negative_pooled_projections: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 guidance: float | None = None, time_scale: float | None = None, t_min: float = 1e-3,
+                 transformer_kwargs: dict[str, Any] | None = None):
+        if time_scale is None:
+            time_scale = 1.0 if type(transformer).__name__.startswith(("Flux", "QwenImage")) else 1000.0
+        if not (time_scale > 0 and 0 < t_min < 1):
+            raise ModelError(f"time_scale must be positive and t_min in (0, 1), got {time_scale!r}, {t_min!r}")
+        if guidance is None and getattr(getattr(transformer, "config", None), "guidance_embeds", False):
+            raise ModelError("this transformer embeds a guidance value (Flux-dev): give guidance=, e.g. 3.5")
+        negatives = (negative_encoder_hidden_states, negative_pooled_projections)
+        if guidance_scale != 1.0 and any(n is None for n, c in zip(negatives, (encoder_hidden_states,
+                                                                             pooled_projections)) if c is not None):
+            raise ModelError("guidance_scale != 1 needs the negative (unconditional) embeddings of every given one: "
+                             "negative_encoder_hidden_states, negative_pooled_projections")
+        self.transformer, self.time_scale, self.t_min = transformer, float(time_scale), float(t_min)
+        self.cond = (encoder_hidden_states, pooled_projections)
+        self.uncond = negatives
+        self.guidance_scale, self.guidance = float(guidance_scale), guidance
+        self.transformer_kwargs = dict(transformer_kwargs or {})
+
+    @property
+    def sigma_min(self) -> float:
+        return self.t_min
+
+    @property
+    def sigma_max(self) -> float:
+        return 1.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond[0] is not None and self.guidance_scale != 1.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D(x_t, t) = x_t − t·v (x and D in the solver's dtype, the network in its own)."""
+        b = x.shape[0]
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+        kwargs = dict(self.transformer_kwargs)
+        names = ("encoder_hidden_states", "pooled_projections")
+        for name, cond, uncond in zip(names, self.cond, self.uncond):
+            if cond is None:
+                continue
+            rows = batch_rows(cond, b, name, ModelError)
+            if self.guided:
+                rows = torch.cat([batch_rows(uncond, b, f"negative_{name}", ModelError), rows])
+            kwargs[name] = rows.to(self.dtype)
+        x_in, ts = x, t * self.time_scale
+        if self.guided:
+            x_in, ts = torch.cat([x, x]), torch.cat([ts, ts])
+        device = next(self.transformer.parameters()).device
+        if self.guidance is not None:
+            kwargs["guidance"] = torch.full((x_in.shape[0],), float(self.guidance), device=device, dtype=torch.float32)
+        out = self.transformer(hidden_states=x_in.to(device=device, dtype=self.dtype),
+                               timestep=ts.to(device=device, dtype=torch.float32), return_dict=False, **kwargs)[0]
+        if self.guided:
+            v_u, v_c = out.chunk(2)
+            out = v_u + self.guidance_scale * (v_c - v_u)
+        return x - bcast(t.to(x.dtype), x) * out.to(device=x.device, dtype=x.dtype)
+
+
 class PromptTable:
     """D(x, σ, i) for prompt indices i [B]: row i of prompt embeddings [P, L, E] encoded once, i = P the null
     (negative) prompt — the form of fewstep.conditioning's class-conditional models (`--prompts FILE`)."""
@@ -217,4 +310,5 @@ def pipeline_model(pipe: Any, negative_prompt: str = "", name: str = "diffusers"
     return info
 
 
-__all__ = ["BottleneckTap", "DiffusersDenoiser", "FewstepScheduler", "VPTable", "alphas_cumprod_from_config"]
+__all__ = ["BottleneckTap", "DiffusersDenoiser", "DiffusersFlowDenoiser", "FewstepScheduler", "VPTable",
+           "alphas_cumprod_from_config"]

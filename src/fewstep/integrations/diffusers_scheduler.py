@@ -1,10 +1,12 @@
 """`FewstepScheduler`: any fewstep solver (and AMED-Plugin) as a diffusers scheduler, a thin consumer of fewstep's
 driver; the design is described in `fewstep.integrations.diffusers`, which re-exports it.
 
-Over 400 lines on purpose: it is one class, and its methods are diffusers' scheduler contract (config round-trip,
-`set_timesteps`, `scale_model_input`, `step`, `add_noise`) sharing one driver state and the AMED hooks on the
-pipeline's unet; split over modules, that state would be read and written from several files. The σ-space ↔
-VP conversions it shares with `DiffusersDenoiser` live in `vp_table.py`.
+The driver state of a run (the pending request, the edits, the served inputs) lives here, in `set_timesteps`,
+`scale_model_input` and `step`. Around it: `diffusers_timetable.py` (the grid, the model timestep of each call,
+img2img's begin index and noising: a function of the config, no run state), `diffusers_hooks.py` (the network
+hooks of AMED and of flow pipelines), `vp_table.py` (σ-space ↔ VP conversions shared with `DiffusersDenoiser`)
+and `diffusers_flow.py` (flow mode: FlowMatch* configs, UniPC / DPM with `use_flow_sigmas`: shift settings,
+grids, x_t ↔ velocity).
 """
 
 from __future__ import annotations
@@ -26,16 +28,13 @@ except ImportError as e:  # pragma: no cover - the optional extra is missing
 from ..amed.features import reduce_to_features
 from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
-from ..schedules import DEFAULT_RHO, check_schedule, get_schedule, timestep_to_sigma
+from ..frames import EDM, FLOW, frame_of
 from ..methods import SolverSpec, load_solver_spec
-from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, nfe, run, solver_dtype
-from ..solvers.base import bcast
+from ..solvers import Evaluator, GridPoint, ModelRequest, Node, run, solver_dtype
+from .diffusers_flow import FlowSettings, FlowTable, adapt_config, finite, is_flow
+from .diffusers_hooks import NetworkHooks
+from .diffusers_timetable import Timetable, _model_sigmas
 from .vp_table import VPTable, _ddpm_from_config
-
-
-def _model_sigmas(req: ModelRequest) -> torch.Tensor:
-    """The per-row σ a denoiser receives for this request (exactly what fewstep's Evaluator hands it)."""
-    return req.model_sigma.to(device=req.x.device, dtype=req.x.dtype).expand(req.x.shape[0])
 
 
 def _next_request(steps: Any, reply: Node | None) -> ModelRequest | torch.Tensor:
@@ -49,17 +48,23 @@ def _next_request(steps: Any, reply: Node | None) -> ModelRequest | torch.Tensor
         return stop.value
 
 
-class FewstepScheduler(SchedulerMixin, ConfigMixin):
+class FewstepScheduler(Timetable, NetworkHooks, SchedulerMixin, ConfigMixin):
     """Any fewstep solver (and AMED-Plugin) as a diffusers scheduler; see the module docstring for the design.
 
     `FewstepScheduler.from_config(pipe.scheduler.config, solver="ipndm", solver_options={"max_order": 3})` keeps the
-    pipeline's ᾱ table and prediction type. Options: `solver`, `solver_options` (the solver's own, see
+    pipeline's ᾱ table and prediction type, or on a flow config (FlowMatch*, or `use_flow_sigmas=True` with
+    `prediction_type="flow_prediction"`) its shift settings: it then integrates in the flow frame (`diffusers_flow`).
+    Options: `solver`, `solver_options` (the solver's own, see
     `fewstep solvers`), `schedule` (a fewstep schedule name; default the solver's recommended one) and `rho`,
     `sigma_min`/`sigma_max` (default: the model's table range), `afs`, `final_sigmas_type` ("zero": a final
     D(x, σ_min), or "sigma_min"), `snap_timesteps` (round the network's timesteps), `thresholding` with
     `dynamic_thresholding_ratio`. Runtime-only (not saved in the config): `predictor` (an `AMEDPredictor`, or an
     AMED checkpoint folder whose stored solver, options, schedule, σ range and AFS then apply) and `unet`
-    (required with a predictor: the pipeline's unet).
+    (required with a predictor: the pipeline's unet; in flow mode the pipeline's transformer, needed with AFS,
+    whose first network input is not the pipeline's latents). Flow configs (`prediction_type="flow_prediction"`)
+    read diffusers' keys `shift` (`flow_shift` with `use_flow_sigmas`), `use_dynamic_shifting`, `base_shift`,
+    `max_shift`, `base_image_seq_len`, `max_image_seq_len`, `time_shift_type`, `shift_terminal` and
+    `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`; VP configs ignore them.
     """
 
     ignore_for_config: ClassVar[list[str]] = ["predictor", "unet"]
@@ -89,12 +94,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         predictor: Any = None,
         unet: nn.Module | None = None,
+        shift: float = 1.0,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
     ):
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise SolverError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        ddpm = _ddpm_from_config(self.config)
-        self.betas, self.alphas_cumprod = ddpm.betas.clone(), ddpm.alphas_cumprod.clone()
-        self._table = VPTable(self.alphas_cumprod, prediction_type, snap_timesteps)
+        self._flow = FlowSettings.of(self.config) if is_flow(self.config) else None
+        self._frame = EDM if self._flow is None else FLOW
+        if self._flow is None:
+            ddpm = _ddpm_from_config(self.config)
+            self.betas, self.alphas_cumprod = ddpm.betas.clone(), ddpm.alphas_cumprod.clone()
+            self._table: VPTable | FlowTable = VPTable(self.alphas_cumprod, prediction_type, snap_timesteps)
+        else:  # flow mode (the β keys of the config are unused)
+            self.betas = self.alphas_cumprod = None
+            self._table = FlowTable(self._flow)
+        self._begin = self._begin_call = 0  # the grid point / model call a flow run starts from (img2img)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
         self.sigmas: torch.Tensor | None = None
@@ -105,8 +130,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        """diffusers' `from_config`, also accepting the runtime-only `predictor=` and `unet=`."""
+        """diffusers' `from_config`, also accepting the runtime-only `predictor=` and `unet=`; a FlowMatch* config
+        gives a flow scheduler (`diffusers_flow.adapt_config`)."""
         runtime = {k: kwargs.pop(k) for k in cls.ignore_for_config if k in kwargs}
+        kwargs = adapt_config(config, kwargs)
         out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = out[0] if isinstance(out, tuple) else out
         if runtime:
@@ -138,6 +165,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         loaded = load_solver_spec(self._spec())
         self._card, self._algo = loaded.card, loaded.solver
         if self._card is not None:  # a learned solver card: its own grid and AFS
+            if frame_of(self._card) is not self._frame:
+                kinds = {"edm": "an EDM / diffusion", "flow": "a flow-matching"}
+                raise SolverError(f"this card was learned on {kinds[frame_of(self._card).name]} model; this "
+                                  f"scheduler's config is {kinds[self._frame.name]} one "
+                                  f"(prediction_type={self.config.prediction_type!r})")
             if self.predictor is not None:
                 raise SolverError("a learned solver card takes no AMED predictor")
             self.register_to_config(afs=self._card.afs)
@@ -145,7 +177,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self._algo = AMEDPlugin(self._algo, self.predictor)
         self.order = self._algo.evals_per_step
         self._grid = None
-        self._timestep_plans: dict[tuple, torch.Tensor] = {}
+        self._timestep_plans = {}
         self._reset()
         return self
 
@@ -168,12 +200,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def grid(self) -> torch.Tensor | None:
-        """fewstep's σ grid of the current run (float64, positive points: `sigmas` without its final 0)."""
+        """fewstep's σ grid of the current run (float64, positive points: `sigmas` without its final 0; flow times
+        in flow mode)."""
         return self._grid
 
     @property
+    def frame(self) -> Any:
+        """The frame the run integrates in: `fewstep.frames.EDM` (VP configs) or `FLOW` (flow configs)."""
+        return self._frame
+
+    @property
     def init_noise_sigma(self) -> float:
-        """σ_0: the pipeline's initial latents σ_0·z are fewstep's x_T."""
+        """σ_0: the pipeline's initial latents σ_0·z are fewstep's x_T (1 in flow mode: x_1 = ε)."""
+        if self._flow is not None:
+            return 1.0
         return float(self._grid[0]) if self._grid is not None else (self.config.sigma_max or self._table.sigma_max)
 
     @property
@@ -182,12 +222,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def begin_index(self) -> int:
-        return 0
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index != 0:
-            raise NotImplementedError("FewstepScheduler runs the whole ODE from pure noise; starting part-way "
-                                      "(img2img / inpainting with strength < 1) is not supported")
+        """The model call the run starts at (0 unless img2img on a flow model: `set_begin_index`)."""
+        return self._begin_call
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -205,116 +241,47 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._captured: torch.Tensor | None = None
         self._returned: torch.Tensor | None = None
         self._warned = False
+        self._served = False  # scale_model_input (or the flow input hook) gave the network the pending state
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[float] | torch.Tensor | None = None,
-                      sigmas: list[float] | torch.Tensor | None = None) -> None:
-        """Build the σ grid and the list of model timesteps (one per network call), and forget any earlier run.
+                      sigmas: list[float] | torch.Tensor | None = None, mu: float | None = None,
+                      timesteps: list[float] | torch.Tensor | None = None) -> None:
+        """Build the grid and the list of model timesteps (one per network call), and forget any earlier run.
 
         `num_inference_steps` counts intervals, the final step to σ = 0 included when `final_sigmas_type` is
         "zero"; or give custom `timesteps` (the grid in model timesteps) or `sigmas` (a trailing 0 asks for the
-        final step to σ = 0).
+        final step to σ = 0). Flow mode: `sigmas` are unshifted flow times (Flux: linspace(1, 1/N, N)), shifted
+        once (by `mu` with `use_dynamic_shifting`); the run always ends with the step to t = 0 unless
+        `final_sigmas_type="sigma_min"` (see `diffusers_flow`).
         """
-        cfg = self.config
-        dtz = cfg.final_sigmas_type == "zero"
-        given = sum(v is not None for v in (num_inference_steps, timesteps, sigmas))
-        if given != 1:
-            raise SolverError("give exactly one of num_inference_steps, timesteps or sigmas")
-        if sigmas is not None:
-            s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
-            dtz = bool(s.numel() > 0 and s[-1] == 0)
-            grid = check_schedule(s[:-1] if dtz else s, "sigmas")
-        elif timesteps is not None:
-            ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
-            grid = check_schedule(timestep_to_sigma(ts, self._table.sigma_table), "timesteps (as sigmas)")
-        elif self._card is not None:
-            n = int(num_inference_steps)
-            if (n if dtz else n + 1) != self._card.num_steps:
-                raise SolverError(f"this card runs {self._card.num_steps - 1} intervals: use num_inference_steps="
-                                  f"{self._card.num_steps - 1 + int(dtz)} (final_sigmas_type={cfg.final_sigmas_type!r})")
-            grid = self._algo.grid
+        if self._flow is not None:
+            grid, dtz = self._flow_grid(num_inference_steps, sigmas, finite(mu, "mu"), timesteps)
         else:
-            n = int(num_inference_steps)
-            points = n if dtz else n + 1
-            if points < 2:
-                raise SolverError(f"num_inference_steps={n} gives {points} grid point(s); fewstep needs >= 2 "
-                                  f"(use >= {2 if dtz else 1} steps)")
-            name, rho = cfg.schedule, cfg.rho
-            if name is None:
-                name, rec_rho = self._algo.recommended_schedule
-                rho = rec_rho if rho is None else rho
-            if name not in DEFAULT_RHO:
-                rho = None  # e.g. an EDM scheduler config's rho, meaningless for logsnr / discrete
-            lo = cfg.sigma_min if cfg.sigma_min is not None else self._table.sigma_min
-            hi = cfg.sigma_max if cfg.sigma_max is not None else self._table.sigma_max
-            grid = get_schedule(name, points, lo, hi, rho=rho, model=self._table)
+            grid, dtz = self._vp_grid(num_inference_steps, sigmas, timesteps)
         ckpt_steps = self._checkpoint_steps
         if ckpt_steps is not None and ckpt_steps != len(grid):
             warnings.warn(f"the AMED predictor was trained for {ckpt_steps} grid points; this run uses {len(grid)}",
                           stacklevel=2)
-        self._grid, self._dtz = grid, dtz
+        self._grid, self._dtz, self._begin, self._begin_call = grid, dtz, 0, 0
         self._reset()
         self._step_index = 0
         ts = self._model_timesteps()
-        if cfg.snap_timesteps:
+        if self.config.snap_timesteps:
             ts = ts.long()
         self.timesteps = ts.to(device)
         self.sigmas = torch.cat([grid, grid.new_zeros(int(dtz))]).to(device=device, dtype=torch.float32)
         self.num_inference_steps = len(grid) - 1 + int(dtz)
         self.order = self._algo.evals_per_step
-        if self.predictor is not None:
-            self._install_hooks()
-
-    def _model_timesteps(self) -> torch.Tensor:
-        """The model timestep of every evaluation of a run on the current grid, from a dry run of the driver
-        (data-independent, except AMED's learned s_n: placeholders); cached per grid without a predictor."""
-        key = (tuple(self._grid.tolist()), self._dtz)
-        if self.predictor is None and key in self._timestep_plans:
-            return self._timestep_plans[key].clone()
-        asked: list[torch.Tensor] = []
-
-        def record(req: ModelRequest) -> torch.Tensor:
-            asked.append(_model_sigmas(req)[:1])
-            return torch.zeros_like(req.x)
-
-        with torch.no_grad():
-            answer(self._start(torch.zeros(1, 1)), record)
-        expected = nfe(self._algo, len(self._grid), afs=self.config.afs, denoise_to_zero=self._dtz)
-        assert len(asked) == expected, f"internal: {len(asked)} evaluations, nfe() says {expected}"
-        ts = self._table.timesteps(torch.cat(asked))
-        if self.predictor is None:
-            self._timestep_plans[key] = ts.clone()
-        return ts
-
-    def _install_hooks(self) -> None:
-        unet = self.unet
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-            if self._armed is None:
-                return None
-            rows = (args[0] if args else kwargs["sample"]).shape[0]
-            if rows % self._armed.shape[0]:
-                raise SolverError(f"unet called with batch {rows}, not a multiple of the scheduler's "
-                                  f"{self._armed.shape[0]} rows")
-            t = self._armed.repeat(rows // self._armed.shape[0])
-            if len(args) >= 2:
-                return (args[0], t, *args[2:]), kwargs
-            return args, {**kwargs, "timestep": t}
-
-        self._hooks.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
-        mid = getattr(unet, "mid_block", None)
-        if mid is not None:
-            def capture(module: nn.Module, inputs: Any, output: Any) -> None:
-                if self._armed is not None:
-                    self._captured = output[0] if isinstance(output, (tuple, list)) else output
-
-            self._hooks.append(mid.register_forward_hook(capture))
+        self._arm_hooks()
 
     # -------------------------------------------------------------------------------------------- driving
 
     def _start(self, x_T: torch.Tensor) -> Any:
-        """fewstep.sample's driver on the grid from the state x_T at σ_0 (AFS, denoise_to_zero)."""
-        return run(self._algo, x_T, self._grid, afs=self.config.afs, denoise_to_zero=self._dtz)
+        """fewstep.sample's driver on the grid from the state x_T at σ_0 (AFS, denoise_to_zero; a flow run
+        started part-way by img2img from its begin point, without AFS)."""
+        begin = self._begin
+        return run(self._algo, x_T, self._grid[begin:], afs=self.config.afs and begin == 0,
+                   denoise_to_zero=self._dtz, frame=self._frame)
 
     def _check_ready(self) -> None:
         if self._grid is None:
@@ -355,6 +322,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._captured = None
         if self.predictor is not None:  # the pre-hook hands the network these exact per-row timesteps
             self._armed = self._table.timesteps(rows_s)
+        self._served = True
         return self._table.model_input(rows_x, rows_s).to(sample.dtype)
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True,
@@ -368,6 +336,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 self._pending = _next_request(self._steps, None)
         req = self._pending
         x = req.x
+        if self._flow is not None and not self._served and self._evaluations == 0 and req.x.shape == sample.shape \
+                and not torch.equal(req.x.to(sample.dtype), sample):
+            raise SolverError("the solver's first model call is not at the pipeline's latents (AFS: its first node "
+                              "is analytic), and flow pipelines feed their latents to the network directly: pass "
+                              "unet=pipe.transformer to FewstepScheduler so that it hands the network that state")
         if self._edited(sample):
             if req.grid_point:
                 x = sample.detach().to(req.x.dtype)
@@ -393,7 +366,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             node = ev(x, req.sigma, req.index, model_sigma=req.model_sigma)
             nxt = _next_request(self._steps, node)
         self._evaluations += 1
-        self._armed, self._captured = None, None
+        self._armed, self._captured, self._served = None, None, False
         self._step_index += 1
         if isinstance(nxt, ModelRequest):
             self._pending = nxt
@@ -412,12 +385,5 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """VE noising x = x₀ + σ(t)·n (the scheduler's latent convention)."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
-        s = timestep_to_sigma(t, self._table.sigma_table).to(original_samples.device, original_samples.dtype)
-        return original_samples + bcast(s, original_samples) * noise
-
 
 __all__ = ["FewstepScheduler"]

@@ -14,6 +14,15 @@ Every registered solver NAME has `sample_NAME(model, x, sigmas, extra_args=None,
   carries D(x, σ_last). For UniPC, 'x' is the state at which D was evaluated (before its corrector).
 * `disable` switches the progress bar off (None: on at a terminal).
 
+**Flow models** (ComfyUI's "CONST" model sampling: SD3, Flux, Wan, …) use the same functions with `flow=True`, or
+automatically when the model declares it: a `model_sampling` whose class (or a base class) is named `CONST` on the
+model or on an `inner_model` below it (ComfyUI's wrappers), or a fewstep `frame` attribute (`fewstep.frames.FLOW`
+or "flow"). Then `sigmas` are flow times t (they may start at exactly 1; a trailing 0 is the final step to t = 0,
+x₀ = D(x, t_last)), `x` is x_t (x_1 = noise) and `model(x, t)` returns x₀; the run integrates in fewstep's flow
+frame (docs/maths.md §15), so DPM-Solver++ and UniPC step in the flow half-log-SNR log((1 − t)/t) — not in −log t
+as k-diffusion's own multistep samplers do on these sigmas (Euler and Heun step identically in both readings;
+AFS's first node and the valid times, t ≤ 1, differ too).
+
 `options` are the solver's own (`fewstep solvers` lists them, e.g. `max_order=3`) plus fewstep's `afs=True`,
 `thresholding=True` / `threshold_ratio`, and `predictor=` (an AMEDPredictor: the AMED-Plugin of that solver; for
 `sample_amed`, AMED-Solver) with `bottleneck=` (the network module whose output feeds the predictor; without
@@ -34,11 +43,32 @@ from tqdm.auto import tqdm
 
 from ..amed.solver import AMEDPlugin
 from ..errors import SolverError
+from ..frames import EDM, FLOW, Frame, frame_of, get_frame
 from ..methods import SolverSpec, load_solver_spec
 from ..schedules import check_schedule
 from ..solvers import SOLVERS, Evaluator, GridPoint, ModelRequest, Node, Solver, answer, get_solver, run, solver_dtype
 
-_DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio", "predictor", "bottleneck")
+_DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio", "predictor", "bottleneck", "flow")
+
+
+def model_frame(model: Any, flow: bool | None = None) -> Frame:
+    """The frame of a k-diffusion-style model: `flow` when given, else what the model or an `inner_model` below
+    it declares (a fewstep `frame`, or ComfyUI's `model_sampling` of a class derived from one named CONST), else
+    EDM."""
+    if flow is not None:
+        return FLOW if flow else EDM
+    obj = model
+    for _ in range(8):  # ComfyUI nests KSamplerX0Inpaint → CFGGuider → BaseModel
+        if obj is None:
+            break
+        frame = getattr(obj, "frame", None)
+        if isinstance(frame, Frame) or (isinstance(frame, str) and frame in ("edm", "flow")):
+            return get_frame(frame)
+        sampling = getattr(obj, "model_sampling", None)
+        if sampling is not None:
+            return FLOW if any(c.__name__ == "CONST" for c in type(sampling).__mro__) else EDM
+        obj = getattr(obj, "inner_model", None)
+    return EDM
 
 
 def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
@@ -46,9 +76,11 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
                disable: bool | None = None, **options: Any) -> torch.Tensor:
     """Run `solver` with k-diffusion's calling convention (see the module docstring): a Solver instance, or a
     method spec without a schedule (k-diffusion gives the grid): a name or 'name:opt=val,...[+afs]',
-    'learned:DIR' (a card: `sigmas` must be its grid) or 'amed:DIR' (an AMED checkpoint)."""
+    'learned:DIR' (a card: `sigmas` must be its grid) or 'amed:DIR' (an AMED checkpoint). `flow=True` (or a model
+    that declares it, see `model_frame`) reads `sigmas` as flow times and `x` as x_t."""
     extra_args = {} if extra_args is None else extra_args
     driver = {k: options.pop(k) for k in _DRIVER_OPTIONS if k in options}
+    frame = model_frame(model, driver.get("flow"))
     if isinstance(solver, Solver):
         algo = solver
     else:
@@ -93,7 +125,8 @@ def run_solver(solver: str | Solver, model: Callable[..., torch.Tensor], x: torc
           tqdm(total=last, disable=not progress, desc=algo.name, leave=False) as bar):
         ev = Evaluator(denoiser, threshold, features)
         if len(grid) > 1:
-            steps = run(algo, state, grid, afs=algo.resolve_afs(driver.get("afs")), denoise_to_zero=denoise_to_zero)
+            steps = run(algo, state, grid, afs=algo.resolve_afs(driver.get("afs")), denoise_to_zero=denoise_to_zero,
+                        frame=frame)
             state = answer(steps, evaluate, on_grid_point)
         else:  # [σ, 0]: a single denoising call
             state = evaluate(ModelRequest(state, grid, grid, 0, grid_point=True)).denoised
@@ -122,7 +155,7 @@ def _make(name: str) -> Callable[..., torch.Tensor]:
     sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
     sampler.__doc__ = (f"fewstep's `{name}` ({cls.summary}) with k-diffusion's sampler signature.\n\n"
                        f"Solver options (defaults): {opts}; plus afs, thresholding, threshold_ratio, predictor, "
-                       f"bottleneck. See `fewstep.integrations.kdiffusion`.")
+                       f"bottleneck, flow (ComfyUI's flow / CONST convention). See `fewstep.integrations.kdiffusion`.")
     sampler.__module__ = __name__
     return sampler
 
@@ -144,15 +177,18 @@ def sample_amed(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 SAMPLERS["amed"] = sample_amed
 
 
-def sample_learned(model, x, sigmas=None, extra_args=None, callback=None, disable=None, card=None):
+def sample_learned(model, x, sigmas=None, extra_args=None, callback=None, disable=None, card=None, flow=None):
     """A learned solver card (`fewstep learn`; a folder or `fewstep.load_solver(DIR)`) with k-diffusion's sampler
     signature. The card runs on its own grid: `sigmas` may be omitted (then x = σ_0·noise with the card's σ_0),
-    or must be that grid, optionally with a trailing 0 (a final denoising call, one NFE more)."""
+    or must be that grid, optionally with a trailing 0 (a final denoising call, one NFE more). A card folder
+    learned on a flow model runs in the flow convention (`flow`, default: the card's, else the model's)."""
     if card is None:
         raise SolverError("sample_learned needs card= (a card folder or fewstep.load_solver(DIR))")
-    from ..learned import LearnedSolver, load_solver
+    from ..learned import LearnedSolver, load_card, load_solver
 
     solver = card if isinstance(card, LearnedSolver) else load_solver(card)
+    if flow is None and not isinstance(card, LearnedSolver) and frame_of(load_card(card)) is FLOW:
+        flow = True
     grid = solver.grid.detach().to(torch.float64)
     if sigmas is None:
         sigmas = grid
@@ -161,9 +197,11 @@ def sample_learned(model, x, sigmas=None, extra_args=None, callback=None, disabl
     if positive.shape != grid.shape or not torch.allclose(positive, grid, rtol=1e-6, atol=0):
         raise SolverError(f"this card runs on its own {len(grid)}-point grid (fewstep learn export DIR --sigmas); "
                           f"got sigmas {given.tolist()}")
-    return run_solver(solver, model, x, torch.cat([grid, given[len(grid):]]), extra_args, callback, disable)
+    return run_solver(solver, model, x, torch.cat([grid, given[len(grid):]]), extra_args, callback, disable,
+                      flow=flow)
 
 
 SAMPLERS["learned"] = sample_learned
 
-__all__ = ["SAMPLERS", "run_solver", "sample_amed", "sample_learned"] + [f"sample_{n}" for n in SOLVERS if n != "amed"]
+__all__ = ["SAMPLERS", "model_frame", "run_solver", "sample_amed", "sample_learned"] + [
+    f"sample_{n}" for n in SOLVERS if n != "amed"]
