@@ -137,17 +137,18 @@ def oss_grid(num_steps: int, table: str) -> torch.Tensor:
 
 
 def parse_flow_arg(arg: str) -> dict[str, object]:
-    """'shift=3', 'mu=1.15,type=linear', 'shift=3,terminal=0.1,spacing=karras' → flow_grid keywords; a bare
-    'dynamic' gives {'dynamic': True} (μ from the model's size, filled in by the caller)."""
+    """'shift=3', 'mu=1.15,type=linear', 'shift=3,terminal=0.1,spacing=karras' → flow_grid keywords; the bare
+    tokens 'dynamic' (μ from the model's size) and 'diffusers' (diffusers' default range) give {token: True},
+    for the caller to fill in."""
     out: dict[str, object] = {}
     names = {"shift": float, "mu": float, "terminal": float, "type": str, "spacing": str}
     for part in filter(None, (p.strip() for p in arg.split(","))):
-        if part == "dynamic":
-            out["dynamic"] = True
+        if part in ("dynamic", "diffusers"):
+            out[part] = True
             continue
         key, eq, value = part.partition("=")
         if not eq or key not in names:
-            raise ScheduleError(f"flow schedule option {part!r}: expected 'dynamic' or key=value with key in "
+            raise ScheduleError(f"flow schedule option {part!r}: expected 'dynamic', 'diffusers' or key=value with key in "
                                 f"{', '.join(names)} (e.g. 'flow:shift=3', 'flow:mu=1.15')")
         try:
             parsed = names[key](value)

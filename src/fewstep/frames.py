@@ -45,6 +45,10 @@ class Frame:
     def check_times(self, t: torch.Tensor, what: str = "schedule") -> None:
         """Refuse times outside this frame's range (the grid is already positive and decreasing)."""
 
+    def clamp_time(self, t: torch.Tensor) -> torch.Tensor:
+        """A model time a wrapper proposes (a card's offset t·e^ξ), kept in the frame's range."""
+        return t
+
     def __repr__(self) -> str:
         return f"<frame {self.name}>"
 
@@ -67,6 +71,9 @@ class FlowFrame(Frame):
         D₀ = x̂·(1 − σ/√(1 + σ²)) = x·(1 − t)/(r·(r + t)) with r = √((1 − t)² + t²)."""
         r = torch.sqrt((1 - t) ** 2 + t**2)
         return x * (1 - t) / (r * (r + t))
+
+    def clamp_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(max=1.0)
 
     def check_times(self, t: torch.Tensor, what: str = "schedule") -> None:
         if bool((t > 1).any()):

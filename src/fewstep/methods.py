@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from .errors import FewstepError, SolverError
+from .frames import EDM
 from .schedules import get_schedule
 from . import solvers
 from .solvers import Solver, get_solver
 
 ARTIFACTS = ("learned", "amed")  # spec prefixes naming a folder
+ARG_SCHEDULES = ("gits", "ays", "flow", "oss")  # schedules whose ':' part is an argument, not ρ
 
 
 class UnreachableNFE(FewstepError):
@@ -67,7 +69,7 @@ class SolverSpec:
         # validate name and options now, not halfway through a benchmark
         default_sched, default_rho = get_solver(name, **options).recommended_schedule
         sched_name, _, rho = sched.partition(":")
-        if sched_name in ("gits", "ays"):  # 'gits' (searched per NFE for the model), 'gits:FILE', 'ays:TABLE'
+        if sched_name in ARG_SCHEDULES:  # 'gits' (searched per NFE), 'gits:FILE', 'ays:TABLE', 'flow:…', 'oss:…'
             return cls(name, options, sched, None, afs)
         if rho:
             try:
@@ -194,22 +196,29 @@ def resolve_method(spec: str | SolverSpec, model: Any, nfe: int | None = None, n
     spec = SolverSpec.parse(spec) if isinstance(spec, str) else spec
     loaded = load_solver_spec(spec, model, getattr(model, "bottleneck", None))
     if spec.path:
-        method = _artifact_method(spec, loaded)
+        method = _artifact_method(spec, loaded, model)
         if nfe is not None and nfe != method.nfe:
             raise FewstepError(f"--nfe {nfe}: {spec.solver}:{spec.path} was made for NFE {method.nfe}")
         if afs and not method.afs:
             raise FewstepError(f"--afs: {spec.solver}:{spec.path} was made without AFS")
         return method
     use_afs = bool(spec.afs if spec.afs is not None else afs)
+    final = final_denoise(model)
     if num_steps is None:
         if nfe is None:
             raise FewstepError("give an NFE budget or num_steps")
-        num_steps = solvers.num_steps_for_nfe(loaded.solver, nfe, afs=use_afs)
+        num_steps = solvers.num_steps_for_nfe(loaded.solver, nfe, afs=use_afs, denoise_to_zero=final)
         if num_steps is None:
             raise UnreachableNFE(f"{spec.label} cannot use exactly {nfe} NFE" + ("" if use_afs else "; try --afs"))
     grid = spec_grid(spec, num_steps, model, use_afs)
-    return Method(spec, loaded.solver, grid, use_afs, solvers.nfe(loaded.solver, len(grid), afs=use_afs), spec.label,
+    return Method(spec, loaded.solver, grid, use_afs,
+                  solvers.nfe(loaded.solver, len(grid), afs=use_afs, denoise_to_zero=final), spec.label,
                   {"name": spec.schedule, "rho": spec.rho})
+
+
+def final_denoise(model: Any) -> bool:
+    """Whether a run on `model` ends with the frame's step to 0 (flow models: x₀ = D(x, t_min), one more call)."""
+    return getattr(model, "frame", EDM).final_denoise
 
 
 def spec_grid(spec: SolverSpec, num_steps: int, model: Any, afs: bool = False) -> torch.Tensor:
@@ -222,7 +231,7 @@ def spec_grid(spec: SolverSpec, num_steps: int, model: Any, afs: bool = False) -
     return get_schedule(spec.schedule, num_steps, model.sigma_min, model.sigma_max, rho=spec.rho, model=model)
 
 
-def _artifact_method(spec: SolverSpec, loaded: LoadedSolver) -> Method:
+def _artifact_method(spec: SolverSpec, loaded: LoadedSolver, model: Any) -> Method:
     """A card or a checkpoint: its grid, AFS, NFE, label, the manifest keys that identify it."""
     from .manifest import file_fingerprint
 
@@ -231,7 +240,8 @@ def _artifact_method(spec: SolverSpec, loaded: LoadedSolver) -> Method:
         card = loaded.card
         grid = loaded.solver.grid
         record = {"card": {"fingerprint": file_fingerprint(folder / "card.json"), "label": card.label}}
-        return Method(spec, loaded.solver, grid, card.afs, solvers.nfe(loaded.solver, len(grid), afs=card.afs),
+        return Method(spec, loaded.solver, grid, card.afs,
+                      solvers.nfe(loaded.solver, len(grid), afs=card.afs, denoise_to_zero=final_denoise(model)),
                       card.label, {"name": "learned", "rho": None}, record, card.conditions)
     from .amed.checkpoint import SETTINGS, WEIGHTS
 
@@ -241,5 +251,6 @@ def _artifact_method(spec: SolverSpec, loaded: LoadedSolver) -> Method:
     record = {"predictor": {"fingerprint": file_fingerprint(folder / WEIGHTS, folder / SETTINGS),
                             "settings": {k: v for k, v in raw.items() if k not in ("training", "predictor")}},
               "predictor_path": str(folder.resolve())}
-    return Method(spec, loaded.solver, grid, st.afs, solvers.nfe(loaded.solver, len(grid), afs=st.afs), st.label,
+    return Method(spec, loaded.solver, grid, st.afs,
+                  solvers.nfe(loaded.solver, len(grid), afs=st.afs, denoise_to_zero=final_denoise(model)), st.label,
                   {"name": st.schedule, "rho": st.rho}, record, st.conditions)

@@ -18,7 +18,7 @@ import torch
 
 from .ays import ays
 from .errors import ModelError, ScheduleError
-from .flow import dynamic_mu, flow_grid, oss_grid, parse_flow_arg
+from .flow import dynamic_mu, flow_grid, oss_grid, parse_flow_arg, shift_time
 from .io import write_json
 
 DEFAULT_SIGMA_MIN = 0.002
@@ -235,11 +235,16 @@ def _ays(num_steps: int | None, sigma_min: float, sigma_max: float, table: str |
 
 def _flow(num_steps: int | None, sigma_min: float, sigma_max: float, arg: str | None, model: object) -> torch.Tensor:
     """A flow pipeline's grid on the model's flow-time range: 'flow:shift=3', 'flow:mu=1.15[,type=linear]',
-    'flow:dynamic' (Flux's μ from the model's latent size, 2×2 patches), '…,terminal=0.1', '…,spacing=karras'."""
+    'flow:dynamic' (Flux's μ from the model's latent size, 2×2 patches), '…,terminal=0.1', '…,spacing=karras';
+    'flow:shift=3,diffusers' is diffusers' FlowMatchEuler default grid (range [s(s(1/1000)), 1], its end shifted
+    twice), whatever the model's t_min."""
     if num_steps is None:
         raise ScheduleError("schedule 'flow' needs num_steps")
     _check_range(num_steps, sigma_min, sigma_max)
     options = parse_flow_arg(arg or "")
+    if options.pop("diffusers", False):  # FlowMatchEuler's default set_timesteps(N): its stored range shifted again
+        s = float(options.get("shift", 1.0))
+        sigma_min = float(shift_time(shift_time(torch.tensor(1 / 1000, dtype=torch.float64), s), s))
     if options.pop("dynamic", False):
         shape = getattr(model, "shape", None)
         if not shape or len(shape) < 2:

@@ -1,6 +1,6 @@
 """`fewstep tune`: per NFE, fit the card families within a time budget and keep the best on validation pairs.
 
-For each NFE the starting grid of each base is the schedule (of BEST_CLASSIC_SCHEDULES) on which that base is
+For each NFE the starting grid of each base is the schedule (of the best-classic sweep's) on which that base is
 best on the *validation* pairs, so no test seed takes part in any choice. The chosen card is then measured on the
 test seeds beside the best classic solver over solvers × schedules × AFS (`evaluation.bench.run_best_classic`).
 It sits above both `learned` (the fitting) and `evaluation` (the yardstick), as the demo does.
@@ -18,15 +18,16 @@ from typing import Any
 
 import torch
 
-from .evaluation.bench import BEST_CLASSIC_SCHEDULES, best_per_nfe, markdown_table, run_bench, run_best_classic
+from .evaluation.bench import best_classic_schedules, best_per_nfe, markdown_table, run_bench, run_best_classic
 from .io import write_json, write_text
 from .learned.card import Card, save_card
 from .learned.train import LearnConfig, learn, sample_error, teacher_pairs
+from .methods import ARG_SCHEDULES
 from .models.registry import ModelInfo
 from .noise import seeded_noise
 from .schedules import get_schedule
 from .seeds import EVALUATION, VALIDATION
-from .solvers import sample
+from .solvers import num_steps_for_nfe, sample
 from .solvers.base import Denoiser
 
 
@@ -60,13 +61,18 @@ def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None
 
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
                        targets: torch.Tensor, seeds: list[int]) -> tuple[str, float]:
-    """The BEST_CLASSIC_SCHEDULES entry on which `base` (with AFS) has the lowest validation RMSE."""
+    """The best-classic schedule (`best_classic_schedules`) on which `base` (with AFS) has the lowest validation
+    RMSE."""
     device = torch.device(getattr(model, "device", None) or "cpu")
     noise, targets = seeded_noise(seeds, model.shape, device=device), targets.to(device)
     scores = []
-    for text in BEST_CLASSIC_SCHEDULES:
-        name, _, rho = text.partition(":")
-        grid = get_schedule(name, nfe + 2, model.sigma_min, model.sigma_max, rho=float(rho) if rho else None)
+    num_steps = num_steps_for_nfe(base, nfe, afs=True, denoise_to_zero=model.frame.final_denoise)
+    for text in best_classic_schedules(model):
+        name, _, arg = text.partition(":")
+        if name in ARG_SCHEDULES:
+            grid = get_schedule(text, num_steps, model.sigma_min, model.sigma_max, model=model)
+        else:
+            grid = get_schedule(name, num_steps, model.sigma_min, model.sigma_max, rho=float(arg) if arg else None)
         with torch.no_grad():
             x = sample(bind(seeds), noise, base, grid, afs=True)
         scores.append((float(sample_error(x, targets).mean()), text))

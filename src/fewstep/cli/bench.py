@@ -20,6 +20,7 @@ from ..evaluation.bench import (
     SolverSpec,
     best_per_nfe,
     expand_schedules,
+    split_schedules,
     run_bench,
     run_best_classic,
     table_rows,
@@ -103,7 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     specs = _parse_specs(args.solvers)
     if args.schedules:
-        specs = expand_schedules(specs, args.schedules.split(","))
+        specs = expand_schedules(specs, split_schedules(args.schedules))
     extra = _extra_metrics(args, model)
     if args.best_classic:  # the sweep below covers every classic solver; run_bench adds predictors and cards
         specs = []

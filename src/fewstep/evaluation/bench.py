@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SolverError
-from ..methods import Method, SolverSpec, UnreachableNFE, resolve_method
+from ..methods import ARG_SCHEDULES, Method, SolverSpec, UnreachableNFE, resolve_method
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..reference import reference_solution, rmse
@@ -117,14 +118,23 @@ def measure(model: ModelInfo, methods: Iterable[Method], noise: torch.Tensor, re
 
 # The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.
 BEST_CLASSIC_SCHEDULES = ("polynomial:5", "polynomial:7", "logsnr", "time_uniform:1", "time_uniform:2")
+# On flow models (flow time t): the pipelines' grids (no shift, SD3's shift 3, Flux's dynamic shift from the size),
+# Karras spacing in t (polynomial), DEIS's time_uniform:2 and the published FLUX Optimal-Steps grid.
+FLOW_BEST_CLASSIC_SCHEDULES = ("flow:shift=1", "flow:shift=3", "flow:dynamic", "polynomial:5", "polynomial:7",
+                               "time_uniform:2", "oss:flux")
+
+
+def best_classic_schedules(model: ModelInfo) -> tuple[str, ...]:
+    """The schedules of the best-classic sweep for this model's frame."""
+    return FLOW_BEST_CLASSIC_SCHEDULES if model.frame.final_denoise else BEST_CLASSIC_SCHEDULES
 
 
 def run_best_classic(model: ModelInfo, nfes: Sequence[int], n_samples: int = 512, first_seed: int = 0,
                      progress: bool = True, solvers: Sequence[str] = DEFAULT_SOLVERS,
                      extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Every classic solver × BEST_CLASSIC_SCHEDULES × AFS off/on at each NFE; the best record per NFE gets
-    `"best_classic": true` (see `best_per_nfe`)."""
-    specs = expand_schedules([SolverSpec.parse(s) for s in solvers], BEST_CLASSIC_SCHEDULES)
+    """Every classic solver × `best_classic_schedules(model)` × AFS off/on at each NFE; the best record per NFE
+    gets `"best_classic": true` (see `best_per_nfe`)."""
+    specs = expand_schedules([SolverSpec.parse(s) for s in solvers], best_classic_schedules(model))
     records = [r for afs in (False, True)
                for r in run_bench(model, specs, nfes, n_samples, first_seed, afs, progress,
                                   extra_metrics=extra_metrics)]
@@ -140,6 +150,15 @@ def best_per_nfe(records: Sequence[dict[str, Any]], metric: str = "rmse") -> dic
         if r["nfe"] not in best or r[metric] < best[r["nfe"]][metric]:
             best[r["nfe"]] = r
     return best
+
+
+def split_schedules(text: str) -> list[str]:
+    """A comma-separated schedule list, where a flow schedule's own options keep their commas:
+    'flow:shift=3,spacing=karras,polynomial:5' → ['flow:shift=3,spacing=karras', 'polynomial:5']."""
+    from ..schedules import SCHEDULE_NAMES
+
+    names = "|".join(re.escape(n) for n in SCHEDULE_NAMES)
+    return [part.strip() for part in re.split(rf",(?=\s*(?:{names})\b)", text) if part.strip()]
 
 
 def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> list[SolverSpec]:
@@ -158,7 +177,7 @@ def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> l
         for spec in specs:
             if spec.path:  # a card or checkpoint runs on its own grid
                 new = spec
-            elif name in ("gits", "ays"):
+            elif name in ARG_SCHEDULES:
                 new = SolverSpec(spec.solver, dict(spec.options), text, None, spec.afs)
             else:
                 try:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import FewstepError
+from ..frames import EDM, Frame, get_frame
 from ..io import write_json
 from ..solvers import get_solver, nfe
 from .solver import BASES, LearnedSolver
@@ -52,8 +53,14 @@ class Card:
         return len(self.sigmas)
 
     @property
+    def frame(self) -> Frame:
+        """The frame of the model the card was fitted to (cards before flow support: EDM)."""
+        return get_frame(self.model.get("frame", "edm"))
+
+    @property
     def nfe(self) -> int:
-        return nfe(get_solver(self.base, **self.base_options), self.num_steps, afs=self.afs)
+        return nfe(get_solver(self.base, **self.base_options), self.num_steps, afs=self.afs,
+                   denoise_to_zero=self.frame.final_denoise)
 
     @property
     def label(self) -> str:
@@ -68,8 +75,12 @@ class Card:
                              afs_shift=as_tensor(self.afs_shift))
 
     def check_model(self, model: Any) -> None:
-        """Refuse a model other than the one the card was fitted to (name, shape, weights)."""
+        """Refuse a model other than the one the card was fitted to (name, shape, weights, frame)."""
         name, shape = self.model.get("name"), self.model.get("shape")
+        if self.frame is not getattr(model, "frame", EDM):
+            kinds = {"edm": "an EDM / diffusion", "flow": "a flow-matching"}
+            raise CardError(f"this card was learned on {kinds[self.frame.name]} model ({name!r}); {model.name!r} is "
+                            f"{kinds[getattr(model, 'frame', EDM).name]} model")
         if name != model.name or (shape is not None and list(shape) != list(model.shape)):
             raise CardError(f"this card was learned for model {name!r} {tuple(shape or ())}, "
                             f"not {model.name!r} {tuple(model.shape)}")

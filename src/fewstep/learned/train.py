@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import FewstepError
+from ..frames import get_frame
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
@@ -67,6 +68,7 @@ class LearnConfig:
     lr: float = 0.02
     seed: int = 0
     conditions: dict[str, Any] | None = None  # condition distribution + guidance of a conditional model
+    frame: str = "edm"  # the model's frame, set by `learn` (a flow card's rollout ends with the step to t = 0)
 
     def validate(self) -> None:
         def bad(name: str, problem: str) -> FewstepError:
@@ -103,7 +105,8 @@ class LearnConfig:
 
     @property
     def num_intervals(self) -> int:
-        return num_steps_for_nfe(self.base, self.nfe, self.afs, **self.base_options) - 1
+        return num_steps_for_nfe(self.base, self.nfe, self.afs, get_frame(self.frame).final_denoise,
+                                 **self.base_options) - 1
 
 
 class CardParameters(torch.nn.Module):
@@ -158,6 +161,8 @@ class CardParameters(torch.nn.Module):
 def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
     """The grid training starts from: `init_schedule` ('name' or 'name:rho'), else the base's recommended one."""
     name, rho = SOLVERS[cfg.base].recommended_schedule
+    if cfg.init_schedule.partition(":")[0] in ("flow", "oss"):  # their ':' part is an argument, not ρ
+        return get_schedule(cfg.init_schedule, cfg.num_intervals + 1, model.sigma_min, model.sigma_max, model=model)
     if cfg.init_schedule:
         name, _, r = cfg.init_schedule.partition(":")
         try:
@@ -214,7 +219,9 @@ def rollout(params: CardParameters, cfg: LearnConfig, denoiser: Denoiser, noise:
     solver = params.solver(cfg.base, cfg.base_options)
     grid = solver.grid
     x = noise.to(dtype) * grid[0].to(dtype)
-    return integrate(solver, Evaluator(denoiser), x, grid, afs=cfg.afs)
+    frame = get_frame(cfg.frame)
+    return integrate(solver, Evaluator(denoiser), x, grid, afs=cfg.afs, denoise_to_zero=frame.final_denoise,
+                     frame=frame)
 
 
 def sample_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -231,6 +238,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     iterations, saves on Ctrl-C/SIGTERM, keeps the best validated state. With `time_limit` (seconds, teacher pairs
     excluded) training stops early.
     """
+    cfg = replace(cfg, frame=model.frame.name)
     cfg.validate()
     bind = bind or (lambda seeds: model.denoiser)
     rank, world = distributed.world()
@@ -252,7 +260,7 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     trainable = [p for p in params.parameters() if p.requires_grad] + ([delta] if cfg.soft_radius > 0 else [])
     opt = torch.optim.Adam(trainable, lr=cfg.lr)
     identity = {"name": model.name, "shape": list(model.shape), "fingerprint": model.fingerprint,
-                "sigma_min": model.sigma_min, "sigma_max": model.sigma_max}
+                "sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "frame": model.frame.name}
 
     def validation() -> float:
         return _mean_error(params, cfg, model, bind, val_seeds, val_targets, dtype)

@@ -76,11 +76,19 @@ class FlowGaussianMixture(GaussianMixture):
             raise DenoiserError(f"flow time outside [0, 1]: {tc.min().item():g}..{tc.max().item():g}")
         a = 1 - tc
         means, vars_ = self.means.to(xf.device), self.vars.to(xf.device)
-        var = a[..., None] ** 2 * vars_ + tc[..., None] ** 2  # [B, K, D]
-        diff = xf.unsqueeze(1) - a[..., None] * means  # x_t − (1 − t)μ_k
-        log_p = -0.5 * ((diff**2) / var + var.log()).sum(-1) + self.log_weights.to(xf.device)
-        gamma = torch.softmax(log_p, dim=1).unsqueeze(-1)
-        out = (gamma * (means + a[..., None] * vars_ / var * diff)).sum(1)
+        log_w = self.log_weights.to(xf.device)
+        if self.isotropic:  # matmul form: ‖x − aμ_k‖² = ‖x‖² − 2a·x·μ_k + a²‖μ_k‖²
+            var = a**2 * vars_[:, 0] + tc**2  # [B, K]
+            dist2 = (xf**2).sum(1, keepdim=True) - 2 * a * (xf @ means.T) + a**2 * (means**2).sum(1)
+            gamma = torch.softmax(-0.5 * (dist2 / var + xf.shape[1] * var.log()) + log_w, dim=1)
+            gain = gamma * a * vars_[:, 0] / var  # E[x₀|x_t, k] = μ_k(1 − a²s_k²/v_k) + (a s_k²/v_k)·x_t
+            out = (gamma - gain * a) @ means + gain.sum(1, keepdim=True) * xf
+        else:
+            var = a[..., None] ** 2 * vars_ + tc[..., None] ** 2  # [B, K, D]
+            diff = xf.unsqueeze(1) - a[..., None] * means  # x_t − (1 − t)μ_k
+            log_p = -0.5 * ((diff**2) / var + var.log()).sum(-1) + log_w
+            gamma = torch.softmax(log_p, dim=1).unsqueeze(-1)
+            out = (gamma * (means + a[..., None] * vars_ / var * diff)).sum(1)
         return out.reshape(x.shape).to(x.dtype)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

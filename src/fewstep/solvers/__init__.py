@@ -26,10 +26,11 @@ def nfe(solver: str | Solver, num_steps: int, afs: bool = False, denoise_to_zero
     return algo.evals_per_step * (num_steps - 1) - int(afs) + int(denoise_to_zero)
 
 
-def num_steps_for_nfe(solver: str | Solver, target_nfe: int, afs: bool = False, **options: Any) -> int | None:
+def num_steps_for_nfe(solver: str | Solver, target_nfe: int, afs: bool = False, denoise_to_zero: bool = False,
+                      **options: Any) -> int | None:
     """The num_steps giving exactly `target_nfe` calls (`nfe` inverted), or None when this configuration cannot
     hit it."""
-    intervals, rest = divmod(target_nfe + int(afs), resolve(solver, options).evals_per_step)
+    intervals, rest = divmod(target_nfe + int(afs) - int(denoise_to_zero), resolve(solver, options).evals_per_step)
     return intervals + 1 if rest == 0 and intervals >= 1 else None
 
 

@@ -74,15 +74,16 @@ def request(x: torch.Tensor, sigma: torch.Tensor, index: int, model_sigma: torch
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where a step sits in the run: its index, how many steps remain (this one and a final denoise included),
-    the schedule's σ range (DEIS-tAB fits its VP time to it) and the frame the run integrates in (its α and λ
-    for the exponential integrators, docs/maths.md §15)."""
+    """Where a step sits in the run: its index, how many intervals remain (this one included), the schedule's σ
+    range (DEIS-tAB fits its VP time to it), the frame the run integrates in (its α and λ for the exponential
+    integrators, docs/maths.md §15) and whether the run ends with a final denoise (one more step to σ = 0)."""
 
     index: int
     steps_left: int
     sigma_min: float
     sigma_max: float
     frame: Frame = EDM
+    final_denoise: bool = False
 
 
 Coefficient = "torch.Tensor | float"

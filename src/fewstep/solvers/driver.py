@@ -58,21 +58,26 @@ def run(algo: Solver, x: torch.Tensor, sigmas: torch.Tensor, afs: bool = False,
     n_int = len(sigmas) - 1
     t = [sigmas[i : i + 1] for i in range(len(sigmas))]
     lo, hi = float(sigmas[-1].detach()), float(sigmas[0].detach())
+
+    def eval_time(i: int) -> torch.Tensor | None:  # where the model is called for grid point i
+        moved = algo.eval_sigma(t[i], i)
+        return None if moved is None else frame.clamp_time(moved)
+
     if afs:
         node = algo.afs_node(x, t[0], frame)
     else:
-        node = yield from request(x, t[0], 0, algo.eval_sigma(t[0], 0), grid_point=True)
+        node = yield from request(x, t[0], 0, eval_time(0), grid_point=True)
     x, hist = node.x, [node]
     reply = yield GridPoint(0, t[0], x, x, hist, node)
     if reply is not None:
         x, hist = reply.x, reply.hist
     for i in range(n_int):
-        info = StepInfo(i, n_int - i + int(denoise_to_zero), lo, hi, frame)  # the final denoise is a step too
+        info = StepInfo(i, n_int - i, lo, hi, frame, denoise_to_zero)
         sub = yield from algo.advance(x, hist, t[i + 1], info)
         stepped, hist, node = sub.x_next, sub.hist, None
         x = stepped
         if i + 1 < n_int:  # evaluate the arrived state (every point but the last), maybe correct it
-            node = yield from request(x, t[i + 1], i + 1, algo.eval_sigma(t[i + 1], i + 1), grid_point=True)
+            node = yield from request(x, t[i + 1], i + 1, eval_time(i + 1), grid_point=True)
             hist = [*hist[-algo.history :], node]
             x = algo.correct(sub.x_prev, node.x, hist, sub.info, sub.scale)
         reply = yield GridPoint(i + 1, t[i + 1], x, stepped, hist, node)

@@ -33,7 +33,8 @@ class _Exponential(Solver):
 
     def order(self, available: int, info: StepInfo) -> int:
         k = min(self.max_order, available)
-        return min(k, info.steps_left) if self.lower_order_final else k
+        # the final denoise is a step to σ = 0 too (as diffusers' and k-diffusion's last step)
+        return min(k, info.steps_left + int(info.final_denoise)) if self.lower_order_final else k
 
     def check_frame(self, frame: Frame) -> None:
         if not self.predict_x0 and frame is not EDM:
