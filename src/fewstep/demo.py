@@ -63,7 +63,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
         add(method, method.label + (" +AFS" if method.afs else ""))
     for label, name in AMED_RECIPES.items():
         for nfe in amed_nfes:
-            cfg = recipe(name, nfe, kimg=kimg, pool=pool, batch=batch)
+            cfg = recipe(name, nfe, model.frame.final_denoise, kimg=kimg, pool=pool, batch=batch)
             folder = out / "predictors" / f"{name}-nfe{nfe}"
             _, _, stats = train(model, cfg, out=folder, progress=progress)
             add(resolve_method(SolverSpec("amed", path=str(folder)), model), label, train_seconds=stats["seconds"])

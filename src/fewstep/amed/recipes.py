@@ -38,18 +38,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe(name: str, nfe: int, **overrides: Any) -> TrainConfig:
-    """The TrainConfig of a named recipe for an NFE budget. Two calls per interval means AFS recipes hit odd
-    NFEs; for an even NFE the recipe runs without AFS."""
+def recipe(name: str, nfe: int, final_denoise: bool = False, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a named recipe for an NFE budget (`final_denoise`: the model's runs end with one more
+    call, a flow model's step to t = 0). Two calls per interval means AFS recipes hit NFEs of one parity; for the
+    other the recipe runs without AFS."""
     if name not in RECIPES:
         raise FewstepError(f"unknown AMED recipe {name!r}; choose one of {', '.join(RECIPES)}")
     fields = {**RECIPES[name], **overrides}
     fields["student_options"] = dict(fields.get("student_options", {}))
     plugin = AMEDPlugin(get_solver(fields["student"], **fields["student_options"]))
-    steps = num_steps_for_nfe(plugin, nfe, afs=fields.get("afs", False))
+    steps = num_steps_for_nfe(plugin, nfe, afs=fields.get("afs", False), denoise_to_zero=final_denoise)
     if steps is None and fields.get("afs") and "afs" not in overrides:
         fields["afs"] = False
-        steps = num_steps_for_nfe(plugin, nfe)
+        steps = num_steps_for_nfe(plugin, nfe, denoise_to_zero=final_denoise)
     if steps is None:
         raise FewstepError(f"recipe {name!r} cannot use exactly {nfe} NFE (AFS={fields.get('afs', False)})")
     return TrainConfig(num_steps=steps, **fields)

@@ -136,7 +136,8 @@ def teacher_states(model: ModelInfo, noise: torch.Tensor, cfg: TrainConfig) -> t
     """The teacher's states at the student's grid points: [N, B, …]."""
     fine = teacher_schedule(model, cfg)
     with torch.no_grad():
-        traj = sample(model.denoiser, noise, cfg.teacher, fine, return_trajectory=True, **cfg.teacher_options)
+        traj = sample(model.denoiser, noise, cfg.teacher, fine, return_trajectory=True, denoise_to_zero=False,
+                      **cfg.teacher_options)  # states at the grid points (a flow run's final step to 0 comes after)
     return traj[:: cfg.M + 1]
 
 

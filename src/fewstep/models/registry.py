@@ -9,8 +9,10 @@ from functools import cache
 import torch
 
 from ..errors import ModelError
+from ..frames import EDM, FLOW, Frame
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .digits import digits_data
+from .flow import FlowDenoiser, FlowGaussianMixture
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -18,7 +20,8 @@ CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 
 @dataclass
 class ModelInfo:
-    """A denoiser with what sampling needs to know about it."""
+    """A denoiser with what sampling needs to know about it. For a flow model (`frame` FLOW) the denoiser is
+    D(x_t, t) in the flow frame and sigma_min / sigma_max are its flow-time range t_min / t_max (t_max = 1)."""
 
     name: str
     denoiser: Denoiser
@@ -37,6 +40,7 @@ class ModelInfo:
     noisy_classifier: torch.nn.Module | None = field(default=None, repr=False)  # logits(x, σ): classifier guidance
     condition_key: str = ""  # set when conditions are bound: cached references are kept per condition set
     device: str = "cpu"  # where the weights live: noise and solver state go there (fewstep.device.to_device)
+    frame: Frame = EDM  # the solver coordinates (fewstep.frames): EDM σ-space, or the flow frame
 
 
 def gmm_parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,6 +62,15 @@ def _gmm() -> ModelInfo:
     return ModelInfo(
         "gmm", GaussianMixture(means, stds, weights), (1, 8, 8),
         description="8-component Gaussian mixture in 64 dims, exact denoiser", exact=True,
+    )
+
+
+def _gmm_flow() -> ModelInfo:
+    means, stds, weights = gmm_parameters()
+    return ModelInfo(
+        "gmm-flow", FlowGaussianMixture(means, stds, weights), (1, 8, 8), FLOW_T_MIN, 1.0,
+        description="the gmm mixture as a rectified-flow model (exact D(x_t, t), flow time t from 1)", exact=True,
+        frame=FLOW,
     )
 
 
@@ -103,8 +116,29 @@ def _digits_cond() -> ModelInfo:
     )
 
 
+def _digits_flow() -> ModelInfo:
+    """The class-conditional rectified-flow U-Net on digits (velocity network, t ∈ [0, 1]; fine-tuned from
+    `digits-cond` by flow matching with logit-normal t, data/digits_flow_unet.json)."""
+    import hashlib
+
+    from .unet import DIGITS_FLOW_WEIGHTS, load_unet
+
+    net = load_unet(DIGITS_FLOW_WEIGHTS)
+    if not net.flow or net.num_classes != 10:
+        raise ModelError(f"{DIGITS_FLOW_WEIGHTS} is not a 10-class flow U-Net")
+    flow = FlowDenoiser(net)
+    return ModelInfo(
+        "digits-flow", flow, net.shape, FLOW_T_MIN, 1.0,
+        description="class-conditional rectified-flow U-Net on sklearn digits (velocity, sampled from t = 1)",
+        bottleneck=net.bottleneck, fingerprint=hashlib.sha1(DIGITS_FLOW_WEIGHTS.read_bytes()).hexdigest()[:12],
+        num_classes=10, cond_denoiser=flow, frame=FLOW,
+    )
+
+
+FLOW_T_MIN = 1e-3  # the built-in flow models' last grid time (diffusers' flow schedulers' 1/1000)
 BUILTIN_MODELS: dict[str, Callable[[], ModelInfo]] = {"gmm": _gmm, "digits-opt": _digits_opt, "digits": _digits,
-                                                      "digits-cond": _digits_cond}
+                                                      "digits-cond": _digits_cond, "gmm-flow": _gmm_flow,
+                                                      "digits-flow": _digits_flow}
 DEFAULT_MODEL = "gmm"
 
 
