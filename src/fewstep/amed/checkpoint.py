@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FewstepError, ModelError
+from ..frames import get_frame
 from ..io import atomic_write, write_json
 from ..models.registry import ModelInfo
 from ..schedules import get_schedule
@@ -54,6 +55,7 @@ class SamplingSettings:
     conditions: dict[str, Any] | None = None  # fewstep.conditioning.ConditionSpec.to_json() of a conditional model
     sigmas: list[float] | None = None  # the exact student grid (so gits:FILE need not exist at sampling time)
     model_fingerprint: str = ""  # the weights the predictor was trained on (networks)
+    frame: str = "edm"  # the model's frame (docs/maths.md §15): a flow run ends with one more call, the step to 0
     predictor: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -63,7 +65,7 @@ class SamplingSettings:
 
     @property
     def nfe(self) -> int:
-        return nfe(self.solver(), self.num_steps, afs=self.afs)
+        return nfe(self.solver(), self.num_steps, afs=self.afs, denoise_to_zero=get_frame(self.frame).final_denoise)
 
     @property
     def label(self) -> str:
@@ -84,6 +86,9 @@ class SamplingSettings:
 
     def check_model(self, model: ModelInfo) -> None:
         """Refuse to run a predictor on a model it was not trained for."""
+        if model.frame is not get_frame(self.frame):
+            raise CheckpointError(f"this predictor was trained on a {self.frame} model ({self.model!r}); "
+                                  f"{model.name!r} is a {model.frame.name} model")
         if model.name != self.model or list(model.shape) != list(self.model_shape):
             raise CheckpointError(
                 f"this predictor was trained for model {self.model!r} {tuple(self.model_shape)}, "

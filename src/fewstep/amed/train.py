@@ -249,7 +249,7 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
              "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
              "loss_curve": history[:: max(1, len(history) // 50)]}
     settings = SamplingSettings(
-        model=model.name, model_shape=list(model.shape), model_fingerprint=model.fingerprint,
+        model=model.name, model_shape=list(model.shape), model_fingerprint=model.fingerprint, frame=model.frame.name,
         num_steps=cfg.num_steps, student=cfg.student,
         student_options=dict(cfg.student_options), schedule=cfg.schedule, rho=cfg.rho,
         sigma_min=model.sigma_min, sigma_max=model.sigma_max, afs=cfg.afs, scale_dir=cfg.scale_dir,
