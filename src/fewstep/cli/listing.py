@@ -34,10 +34,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in BUILTIN_MODELS:
         m = load_model(name)
-        rows.append([name, "×".join(map(str, m.shape)), f"{m.sigma_min:g}–{m.sigma_max:g}",
+        rows.append([name, "×".join(map(str, m.shape)), m.frame.name, f"{m.sigma_min:g}–{m.sigma_max:g}",
                      "yes" if m.bottleneck is not None else "no", m.description])
-    return _show(args, ["name", "shape", "sigma_range", "bottleneck", "description"],
-                 ["model", "shape", "σ range", "bottleneck", "description"], rows)
+    return _show(args, ["name", "shape", "frame", "sigma_range", "bottleneck", "description"],
+                 ["model", "shape", "frame", "σ range (flow: t)", "bottleneck", "description"], rows)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
