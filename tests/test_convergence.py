@@ -182,9 +182,9 @@ class _DPMSolverPP3Exact(DPMSolverPP):
 
     name = "dpmpp_exact3"
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
+    def step(self, x, hist, t_next, info, scale=1.0):
         if self.order(len(hist), info) < 3:
-            return super().step(x, hist, t_next, info, ev, scale)
+            return super().step(x, hist, t_next, info, scale)
         n0, n1, n2 = hist[-1], hist[-2], hist[-3]
         h = lam(t_next) - lam(n0.sigma)
         sgn = -1.0 if self.predict_x0 else 1.0

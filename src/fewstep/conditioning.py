@@ -6,7 +6,7 @@ class-conditional models of the registry (`ModelInfo.num_classes` = K > 0) it is
 the null (unconditional) label ∅ is K. Solvers never see conditions: `bind` turns a model plus one batch of
 conditions into a 2-argument denoiser, so every solver, AMED predictor and learned-solver card works unchanged.
 
-* `ClassifierFreeGuidance` (`guided`): D_w = D(x, σ, ∅) + w·(D(x, σ, c) − D(x, σ, ∅)), one network call on the
+* `ClassifierFreeGuidance`: D_w = D(x, σ, ∅) + w·(D(x, σ, c) − D(x, σ, ∅)), one network call on the
   doubled batch [∅; c] (w = 1: D(x, σ, c) on the plain batch; w = 0: D(x, σ, ∅)). One guided evaluation counts as
   **one NFE**, as in the literature.
 * `ClassifierGuidance`: D + σ²·w·∇ₓ log p(c | x, σ) from a noise-aware classifier `logits = clf(x, σ)`.
@@ -77,11 +77,6 @@ class ClassifierFreeGuidance:
         d = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), torch.cat([null, cond]))
         d_u, d_c = d[:b], d[b:]
         return d_u + self.guidance * (d_c - d_u)
-
-
-def guided(denoiser3: CondDenoiser, cond: torch.Tensor, guidance: float, null: torch.Tensor) -> Denoiser:
-    """Classifier-free guidance of any conditional denoiser as a plain D(x, σ) (see ClassifierFreeGuidance)."""
-    return ClassifierFreeGuidance(denoiser3, cond, guidance, null)
 
 
 class ClassifierGuidance:

@@ -53,7 +53,6 @@ class LearnedSolver(Solver):
         window = max((m.shape[1] for m in (weights, coeffs) if m is not None), default=0)
         self.history = max(self.base.history, window)
         self.evals_per_step = self.base.evals_per_step
-        self.corrects = self.base.corrects
         self.recommended_schedule = self.base.recommended_schedule
         # Skip zero terms at sampling time (bit-exact base); while training every term stays in the graph.
         self._live = {name: m is not None and (m.requires_grad or bool((m != 0).any()))
@@ -116,8 +115,8 @@ class LearnedSolver(Solver):
             raise SolverError(f"this card runs on its own {len(self.grid)}-point grid (fewstep learn export DIR "
                               "--sigmas); do not pass another schedule")
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
-        x_next = self.base.step(x, hist[-self.base.history :], t_next, info, ev, scale)
+    def step(self, x, hist, t_next, info, scale=1.0):
+        x_next = self.base.step(x, hist[-self.base.history :], t_next, info, scale)
         delta = self.correction(x, hist, t_next, info.index)
         return x_next if delta is None else x_next + delta
 

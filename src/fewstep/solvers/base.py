@@ -86,7 +86,6 @@ class StepInfo:
     final_denoise: bool = False
 
 
-Coefficient = "torch.Tensor | float"
 PLAN_LIMIT = 65536  # cached coefficient sets (a grid of N points uses about N per solver configuration)
 _PLANS: dict[tuple, Any] = {}
 
@@ -153,7 +152,7 @@ class Evaluator:
         if out.shape != x.shape:
             raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} {where()}")
         out = out.to(x.dtype)
-        # one reduction instead of isfinite's 4 full passes (24-31% of the driver's own time at batch 64);
+        # one reduction instead of isfinite's 4 full passes (a measurable share of the driver's own time);
         # a non-finite sum is rechecked element-wise (a finite output may overflow the sum)
         if not math.isfinite(out.detach().sum()) and not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
@@ -217,7 +216,6 @@ class Solver:
     options: ClassVar[dict[str, Option]] = {}
     evals_per_step: ClassVar[int] = 1  # model calls per interval (the node evaluation included)
     history: ClassVar[int] = 1  # how many newest nodes `step` reads
-    corrects: ClassVar[bool] = False  # True when `correct` refines the state after its node evaluation
     summary: ClassVar[str] = ""
     recommended_schedule: ClassVar[tuple[str, float | None]] = ("polynomial", 7.0)  # (name, ρ; None: its default)
 
@@ -259,17 +257,16 @@ class Solver:
         return None
 
     def step(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
-             ev: Callable[..., Node], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """Advance x from hist[-1].sigma to t_next with no model call; `scale` multiplies the model terms (a
-        wrapper's per-sample direction scale; 1 in a plain run). `ev` is kept for signature compatibility:
-        calling it raises (extra calls belong in `stages`)."""
+             scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Advance x from hist[-1].sigma to t_next with no model call (extra calls belong in `stages`); `scale`
+        multiplies the model terms (a wrapper's per-sample direction scale; 1 in a plain run)."""
         raise NotImplementedError
 
     def stages(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, info: StepInfo,
                scale: torch.Tensor | float = 1.0) -> Stages:
         """One interval as a generator of the interval's extra model requests (none by default: `step`)."""
         yield from ()
-        return self.step(x, hist, t_next, info, _no_model_calls, scale)
+        return self.step(x, hist, t_next, info, scale)
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -325,10 +322,6 @@ def _as_floats(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_as_floats(v) for v in value)
     return value
-
-
-def _no_model_calls(*args: Any, **kwargs: Any) -> Node:
-    raise SolverError("a solver's `step` cannot call the model; implement `stages` (a generator of ModelRequest)")
 
 
 def midpoint_sigma(t_cur: torch.Tensor, t_next: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:

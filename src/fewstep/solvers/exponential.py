@@ -59,7 +59,7 @@ class DPMSolverPP(_Exponential):
     name = "dpmpp"
     summary = "DPM-Solver++ multistep (1, 2M, 3M); noise-prediction DPM-Solver with predict_x0=False"
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
+    def step(self, x, hist, t_next, info, scale=1.0):
         nodes = hist[::-1][: self.order(len(hist), info)]  # newest first
         sigmas = [n.sigma for n in nodes]
         a, w = self.plan([*sigmas, t_next], (info.frame.name,), lambda: self.coefficients(sigmas, t_next, info.frame))
@@ -97,7 +97,6 @@ class UniPC(_Exponential):
         "variant": Option("bh2", choices=("bh1", "bh2"), help="B(h) = h (bh1) or expm1(h) (bh2)"),
     }
     history = 4
-    corrects = True
 
     def _update(self, x: torch.Tensor, hist: list[Node], t_next: torch.Tensor, order: int,
                 scale: torch.Tensor | float, new: Node | None, frame: Frame) -> torch.Tensor:
@@ -134,7 +133,7 @@ class UniPC(_Exponential):
         w = [b_h * rho / rk for rho, rk in zip(rhos, rks)]
         return self.to_update(sigmas[0], t_next, [torch.expm1(hh) - sum(w, torch.zeros_like(h)), *w], frame)
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
+    def step(self, x, hist, t_next, info, scale=1.0):
         return self._update(x, hist, t_next, self.order(len(hist), info), scale, None, info.frame)
 
     def correct(self, x_prev, x_new, hist, info, scale=1.0):

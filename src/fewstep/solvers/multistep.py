@@ -22,7 +22,7 @@ class _LinearMultistep(Solver):
         """C_{n,j} (already multiplied by h) for the nodes, newest first."""
         raise NotImplementedError
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
+    def step(self, x, hist, t_next, info, scale=1.0):
         nodes = hist[::-1][: self.order(hist)]
         coeffs = self.plan([n.sigma for n in nodes] + [t_next], (info.sigma_min, info.sigma_max),
                            lambda: tuple(self.coefficients(nodes, t_next, info)))

@@ -12,7 +12,7 @@ class Euler(Solver):
     name = "euler"
     summary = "Euler / DDIM, order 1"
 
-    def step(self, x, hist, t_next, info, ev, scale=1.0):
+    def step(self, x, hist, t_next, info, scale=1.0):
         n = hist[-1]
         h = bcast(t_next - n.sigma, x)
         return x + scale * h * n.d  # x_{n+1} = x_n + h·d_n
