@@ -1,4 +1,4 @@
-"""AMED vs the classic solvers on the analytic models (issue 3's acceptance table).
+"""AMED vs the classic solvers on the analytic models (the README's AMED results table).
 
 For each model and NFE: every classic solver (with and without AFS, recommended schedules), the paper's two
 AMED recipes, and this project's improved recipes, all evaluated on seeds 0…n−1 (training uses seeds from

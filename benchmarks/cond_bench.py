@@ -1,4 +1,4 @@
-"""Classic solvers on the class-conditional `digits-cond` under classifier-free guidance (issue 12, item 4).
+"""Classic solvers on the class-conditional `digits-cond` under classifier-free guidance.
 
 For each guidance scale w: seeds 0…n−1, each with a class drawn uniformly per seed (the documented distribution
 of `bench`/`train`/`learn`), every solver at each NFE with its recommended schedule, with and without AFS. Columns: RMSE to the guided

@@ -1,4 +1,4 @@
-"""GITS vs polynomial ρ = 7 for iPNDM (max_order 4), with and without AFS (issue 7's acceptance table).
+"""GITS vs polynomial ρ = 7 for iPNDM (max_order 4), with and without AFS (the README's GITS vs polynomial table).
 
 For each model: one GITS warm-up (teacher iPNDM on the 61-point polynomial grid, seeds from 2 000 000) gives the
 cost matrix; the DP cuts it to every NFE (with AFS: the authors' inserted free first point). Every schedule is

@@ -1,4 +1,4 @@
-"""Solver overhead: per-step time spent outside the denoiser (issue 8).
+"""Solver overhead: per-step time spent outside the denoiser.
 
 fewstep (dpmpp = DPM-Solver++(2M) with max_order=2, unipc, and `FewstepScheduler` running dpmpp in diffusers'
 loop) vs diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler step loops and k-diffusion's
@@ -154,7 +154,7 @@ def main() -> None:
             v = res[name, b]
             cells += [f"{v * 1e6:.0f}", f"{v / ref[b][0]:.2f}", f"{v / ref[b][1]:.2f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    targets = [  # (what, ours, theirs, goal) of issue 13
+    targets = [  # (what, ours, theirs, goal: the largest acceptable time ratio ours / theirs)
         ("dpmpp vs k-diffusion 2M", "fewstep dpmpp (2M)", "k-diffusion sample_dpmpp_2m", 1.0),
         ("dpmpp vs diffusers DPM-Solver++", "fewstep dpmpp (2M)", "diffusers DPMSolverMultistep", 0.5),
         ("unipc vs diffusers UniPC", "fewstep unipc (bh2, order 2)", "diffusers UniPCMultistep", 0.5),

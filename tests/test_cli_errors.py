@@ -1,4 +1,4 @@
-"""Issue 11, items 3–5 and 7: every user mistake is one line on stderr naming the argument and the problem, exit
+"""Every user mistake is one line on stderr naming the argument and the problem, exit
 code 2, no traceback and no file written; user text is never read as rich markup; global options work after the
 subcommand; the CLI's parsers survive random input (hypothesis)."""
 

@@ -1,4 +1,4 @@
-"""Failure handling (issues 8, 11): denoiser errors and NaN/Inf name the step and σ and write nothing for that
+"""Failure handling: denoiser errors and NaN/Inf name the step and σ and write nothing for that
 batch; Ctrl-C (SIGINT) and SIGTERM during `sample` / `train` leave no partial files, exit with 130 / 143 and
 both resume; bfloat16 models run with float32 solver maths; results do not depend on the batch size.
 

@@ -1,4 +1,4 @@
-"""Issue 11, items 1, 2 and 4 (checkpoints): output folders record what made them and refuse other settings;
+"""Checkpoints and output folders: they record what made them and refuse other settings;
 `train` resumes only its own run and never silently replaces a finished predictor; hand-edited or damaged
 checkpoint files are clear errors."""
 

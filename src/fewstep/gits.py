@@ -25,9 +25,8 @@ first interval, the one that minimises the student's final RMSE to the teacher o
 `afs_mode="cost"` instead recomputes row 0 of C with AFS's direction and runs the DP with K intervals.
 
 Defaults (teacher iPNDM, 61-point polynomial ρ = 7 grid, 256 warm-up samples, metric l2, γ = 1.0) were chosen on
-held-out validation seeds (benchmarks/gits_bench.py --sweep): the paper's γ = 1.15 was on a cliff edge for `gmm`
-(iPNDM at NFE 4 no better than polynomial ρ = 7 for some warm-up seed sets), γ ∈ [0.95, 1.05] was safe on both
-analytic models, and l2 ≥ l1 > dev there.
+held-out validation seeds (benchmarks/gits_bench.py --sweep; the README's GITS section): γ near 1 is safe where
+the paper's 1.15 is borderline for some warm-up seed sets.
 
 Metrics (per sample, then averaged over the warm-up samples; D = number of entries of x):
   * ``l2``:  ‖x̂_ij − x_j‖₂/√D  — the per-sample RMSE (the authors use the unnormalised norm: same argmin);
@@ -320,7 +319,7 @@ def refine_schedule(sigmas: torch.Tensor, m: int, rho: float = 7.0) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Schedule files
+# Grid size for an NFE budget
 
 
 def nfe_to_num_steps(solver: str, nfe: int, afs: bool = False, **options: Any) -> int:

@@ -2,7 +2,7 @@
 
 The improved recipes change three things, each measured in benchmarks/amed_bench.py: a far more accurate
 teacher (DEIS-tAB order 4 with M = 15 inserted points instead of Heun/iPNDM with M = 1–2: distilling a teacher
-that is itself 0.1 RMSE off caps the student), an end-to-end term on the final state added to the paper's
+that is itself far off caps the student), an end-to-end term on the final state added to the paper's
 per-interval loss, and a wider direction-scale bound s_dir = 0.1. The `-gits` recipes also replace the fixed
 main grid by a GITS schedule searched for the model, which AMED then refines with its learned points.
 """

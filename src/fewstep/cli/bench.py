@@ -157,10 +157,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `bench` and `demo`."""
-    p = sub.add_parser("bench", help="RMSE to the exact ODE solution for every solver at each NFE",
+    p = sub.add_parser("bench", help="RMSE to a reference ODE solution for every solver at each NFE",
                        description="Run each solver with its recommended schedule (or the one given) from the "
-                                   "same noise and print the RMSE to a 1000-step Heun reference (cached on disk "
-                                   "in $FEWSTEP_CACHE or ~/.cache/fewstep).")
+                                   "same noise and print the RMSE to a Heun reference solve on a polynomial "
+                                   "rho = 7 grid of 1000 points for an analytic model, 500 for a network "
+                                   "(cached on disk in $FEWSTEP_CACHE or ~/.cache/fewstep).")
     _bench_args(p)
     add_device_arg(p)
     p.set_defaults(func=cmd_bench)

@@ -174,8 +174,8 @@ def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
 
 def teacher_setup(model: ModelInfo, cfg: LearnConfig) -> tuple[str, dict[str, Any], int]:
     """(solver, options, grid points) of the teacher. 'auto': the benchmark's reference solver (Heun, 1 000 points)
-    on analytic models; DEIS-tAB order 4 with 60 points on networks (RMSE 3e-4 to the 500-point Heun reference
-    on `digits`, at 1/17 of its cost)."""
+    on analytic models; DEIS-tAB order 4 with 60 points on networks (close to the 500-point Heun reference at a
+    small fraction of its cost; README, "Learned solvers")."""
     from ..reference import REFERENCE_SOLVER, REFERENCE_STEPS
 
     if cfg.teacher != "auto":

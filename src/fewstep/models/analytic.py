@@ -88,8 +88,8 @@ class GaussianMixture:
 class EmpiricalDenoiser:
     """The optimal denoiser of a finite data set {y_i}: D*(x, σ) = Σ_i softmax_i(−‖x − y_i‖²/2σ²) y_i.
 
-    Squared distances use the matmul form ‖x‖² − 2x·y + ‖y‖² (20× faster than broadcasting, same result
-    to 1e−15 in float64); large batches are processed in chunks to bound memory.
+    Squared distances use the matmul form ‖x‖² − 2x·y + ‖y‖² (much faster than broadcasting, the same result
+    up to rounding in float64); large batches are processed in chunks to bound memory.
     """
 
     def __init__(self, data: torch.Tensor, chunk: int = 1024):
