@@ -47,7 +47,7 @@ def test_trainable_zero_corrections_match_the_base_in_the_graph(base):
     want = fewstep.sample(GMM.denoiser, noise, base, params.grid().detach(), afs=True)
     assert torch.allclose(x.detach(), want, rtol=0, atol=1e-12)
     x.sum().backward()
-    assert params.db.grad is not None and params.db.grad.abs().sum() > 0
+    assert params.coeffs.grad is not None and params.coeffs.grad.abs().sum() > 0
 
 
 def test_corrections_change_the_update_by_the_formula():

@@ -249,7 +249,8 @@ class FewstepScheduler(Timetable, NetworkHooks, SchedulerMixin, ConfigMixin):
         """Build the grid and the list of model timesteps (one per network call), and forget any earlier run.
 
         `num_inference_steps` counts intervals, the final step to σ = 0 included when `final_sigmas_type` is
-        "zero"; or give custom `timesteps` (the grid in model timesteps) or `sigmas` (a trailing 0 asks for the
+        "zero" (fewstep's own `num_steps` counts grid points: num_inference_steps = num_steps − 1, plus 1 for that
+        final step; docs/maths.md §1); or give custom `timesteps` (the grid in model timesteps) or `sigmas` (a trailing 0 asks for the
         final step to σ = 0). Flow mode: `sigmas` are unshifted flow times (Flux: linspace(1, 1/N, N)), shifted
         once (by `mu` with `use_dynamic_shifting`); the run always ends with the step to t = 0 unless
         `final_sigmas_type="sigma_min"` (see `diffusers_flow`).

@@ -1,9 +1,10 @@
 """Solver cards: a learned global solver as one small JSON file, `card.json`, in a folder.
 
-A card holds the base solver and its options, AFS, the learned σ grid, the evaluation offsets ξ and the optional
-correction matrices Δw / Δβ (docs/maths.md, "Learned global solvers"), the identity of the model it was fitted to
-(name, shape, weights fingerprint, condition distribution) and the training record (settings, train/validation
-losses). Every field is validated on load, and an error names the field; floats round-trip exactly through JSON.
+A card holds the base solver and its options, AFS, the learned σ grid, the evaluation offsets ξ, the optional
+correction matrices Δw / Δβ and the optional AFS shift μ (docs/maths.md, "Learned global solvers"), the identity
+of the model it was fitted to (name, shape, weights fingerprint, condition distribution) and the training record
+(settings, train/validation losses). Every field is validated on load, and an error names the field; floats
+round-trip exactly through JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .solver import BASES, LearnedSolver
 
 CARD_FILE = "card.json"
 FORMAT_VERSION = 1
+# What `fewstep learn --params` may fit, each family stored in the card field of the same name except `steps`
+# (the grid, field `sigmas`) and `mean` (field `afs_shift`: the learned shift of AFS's first D_0, AFS only).
 PARAMETER_FAMILIES = ("steps", "offsets", "weights", "coeffs", "mean")
 
 
@@ -42,7 +45,7 @@ class Card:
     offsets: list[float]  # ξ_i for the evaluated grid points 0 … N−1 (0 at AFS's analytic first point)
     weights: list[list[float]] | None = None  # Δw [N][K] on d (None: not learned)
     coeffs: list[list[float]] | None = None  # Δβ [N][K] on D
-    afs_shift: list[float] | None = None  # μ added to AFS's first D_0, flattened data shape (None: not learned)
+    afs_shift: list[float] | None = None  # μ added to AFS's first D_0, flattened (family `mean`; None: not learned)
     params: list[str] = field(default_factory=list)  # the families that were learned
     model: dict[str, Any] = field(default_factory=dict)  # name, shape, fingerprint, sigma_min, sigma_max
     conditions: dict[str, Any] | None = None  # condition distribution and guidance (conditional models)

@@ -10,6 +10,9 @@ with the network frozen and gradients flowing through every model call to the ca
     weights  Δw ∈ ℝ^{N×K}, coeffs Δβ ∈ ℝ^{N×K}: additive corrections of the update (learned/solver.py)
     mean     μ ∈ ℝ^dim (AFS only): a shift of AFS's analytic first node, D_0 ← D_0 + μ
 
+`CardParameters` and the card name each quantity by its family, except two: the family `steps` is stored as the
+grid `sigmas` (the parameter `steps` holds θ), and the family `mean` learns `afs_shift` (μ).
+
 The loss is the mean over the batch of ‖x_N − x_teacher‖²/dim (`l2`), of its square root (`rmse`, the benchmark's
 metric) or of |x_N − x_teacher| (`l1`); with
 `soft_radius` r > 0 (LD3's soft teacher) the student starts from z + δ_p with a learned ‖δ_p‖ ≤ r·√dim per pair.
@@ -110,7 +113,11 @@ class LearnConfig:
 
 
 class CardParameters(torch.nn.Module):
-    """The trainable numbers of a card; all zero-correction at initialisation (the card is then its base)."""
+    """The trainable numbers of a card; all zero-correction at initialisation (the card is then its base).
+
+    Named as the card names them: `steps` (θ, the logits of the grid's normalised log-σ gaps; `grid()` is the
+    card's `sigmas`), `offsets` (ξ), `weights` (Δw), `coeffs` (Δβ) and `afs_shift` (μ, learned by the family
+    `mean`). `tensors()` gives the values the card stores (history and AFS masks applied)."""
 
     def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool,
                  data_dim: int = 0):
@@ -121,23 +128,23 @@ class CardParameters(torch.nn.Module):
         self.ends = (float(init_grid[0]), float(init_grid[-1]))
         gaps = (log[:-1] - log[1:]) / (self.log_max - self.log_min)
         self.families, self.afs = tuple(families), afs
-        self.theta = torch.nn.Parameter(gaps.log(), requires_grad="steps" in families)
-        self.xi = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64), requires_grad="offsets" in families)
+        self.steps = torch.nn.Parameter(gaps.log(), requires_grad="steps" in families)
+        self.offsets = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64), requires_grad="offsets" in families)
         k = min(window, n)
-        self.dw = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
-        self.db = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "coeffs" in families else None
-        self.mu = None  # the shift of AFS's first D_0 (docs/maths.md, "Learned global solvers")
+        self.weights = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
+        self.coeffs = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "coeffs" in families else None
+        self.afs_shift = None  # the shift of AFS's first D_0 (docs/maths.md, "Learned global solvers")
         if "mean" in families:
             if not afs:
                 raise FewstepError("learn: the 'mean' family shifts AFS's first node: it needs --afs")
-            self.mu = torch.nn.Parameter(torch.zeros(data_dim, dtype=torch.float64))
+            self.afs_shift = torch.nn.Parameter(torch.zeros(data_dim, dtype=torch.float64))
         # interval i has nodes 0…i: entry j of row i needs j ≤ i; AFS's first point is never evaluated
         self.register_buffer("history_mask", (torch.arange(k)[None, :] <= torch.arange(n)[:, None]).double())
         self.register_buffer("offset_mask", torch.ones(n, dtype=torch.float64).index_fill(0, torch.tensor([0]),
                                                                                               0.0 if afs else 1.0))
 
     def grid(self) -> torch.Tensor:
-        u = torch.cat([self.theta.new_zeros(1), torch.cumsum(torch.softmax(self.theta, 0), 0)])
+        u = torch.cat([self.steps.new_zeros(1), torch.cumsum(torch.softmax(self.steps, 0), 0)])
         log_sigma = self.log_max + u * (self.log_min - self.log_max)
         grid = log_sigma.exp()
         # pin the endpoints exactly (the cumulative sum ends at 1 only up to rounding)
@@ -146,10 +153,10 @@ class CardParameters(torch.nn.Module):
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {
             "grid": self.grid(),
-            "offsets": self.xi * self.offset_mask,
-            "weights": None if self.dw is None else self.dw * self.history_mask,
-            "coeffs": None if self.db is None else self.db * self.history_mask,
-            "afs_shift": self.mu,
+            "offsets": self.offsets * self.offset_mask,
+            "weights": None if self.weights is None else self.weights * self.history_mask,
+            "coeffs": None if self.coeffs is None else self.coeffs * self.history_mask,
+            "afs_shift": self.afs_shift,
         }
 
     def solver(self, base: str, base_options: dict[str, Any]) -> LearnedSolver:

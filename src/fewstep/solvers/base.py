@@ -76,7 +76,11 @@ def request(x: torch.Tensor, sigma: torch.Tensor, index: int, model_sigma: torch
 class StepInfo:
     """Where a step sits in the run: its index, how many intervals remain (this one included), the schedule's σ
     range (DEIS-tAB fits its VP time to it), the frame the run integrates in (its α and λ for the exponential
-    integrators, docs/maths.md §15) and whether the run ends with a final denoise (one more step to σ = 0)."""
+    integrators, docs/maths.md §15) and whether the run ends with a final denoise (one more step to σ = 0).
+
+    `index` and `steps_left` count intervals, as `Solver.evals_per_step` does (calls per interval), while a
+    `num_steps` argument elsewhere counts grid points: a grid of num_steps points has num_steps − 1 intervals
+    (docs/maths.md §1)."""
 
     index: int
     steps_left: int
