@@ -72,7 +72,7 @@ BENCH = ["bench", "--model", "gmm", "--n", "2", "--nfe", "3", "--solvers", "eule
 FID = ["fid", "calc", "--ref", "digits", "--no-progress"]
 
 CASES = {
-    # item 5: silent nonsense
+    # values that would otherwise run and produce silent nonsense
     "nfe 0 with afs": (SAMPLE + ["--nfe", "0", "--afs"], ["--nfe", ">= 1"]),
     "nfe -1": (SAMPLE + ["--nfe=-1"], ["--nfe"]),
     "reversed seed range": (SAMPLE + ["--num-steps", "3", "--seeds", "0,5-2"], ["--seeds", "backwards"]),
@@ -80,7 +80,7 @@ CASES = {
     "nfe and num-steps": (SAMPLE + ["--nfe", "3", "--num-steps", "4"], ["--nfe or --num-steps, not both"]),
     "bench nfe 0": (BENCH[:-5] + ["--nfe", "0"], ["--nfe"]),
     "bench n 0": (["bench", "--n", "0"], ["--n", ">= 1"]),
-    # item 4: tracebacks for user mistakes
+    # mistakes that used to end in a traceback
     "huge seed range": (SAMPLE + ["--num-steps", "3", "--seeds", "0-999999999999"], ["--seeds", "at most"]),
     "huge seed": (SAMPLE + ["--num-steps", "3", "--seeds", "99999999999999999999"], ["--seeds", "larger than"]),
     "opt afs": (SAMPLE + ["--num-steps", "3", "--opt", "afs=true"], ["--opt afs", "--afs"]),
@@ -109,7 +109,7 @@ CASES = {
     "fid NaN statistics": (FID[:2] + ["--ref", "{t}/nan_stats.npz", "--images", "digits-held"], ["NaN"]),
     "fid non-PSD statistics": (FID[:2] + ["--ref", "{t}/npd_stats.npz", "--images", "digits-held"],
                                ["positive semi-definite"]),
-    # item 3: a message holding user text that looks like markup keeps it
+    # a message holding user text that looks like markup keeps it
     "NaN schedule file": (SAMPLE + ["--schedule", "gits:{t}/nan_schedule.json", "--num-steps", "5"],
                           ["non-finite values: [nan, 80.0, 1.0, 0.5, 0.002]"]),
     "demo n 0": (["demo", "--n", "0"], ["--n"]),
@@ -168,8 +168,22 @@ def test_global_options_after_the_subcommand(capsys):
     assert build_parser().parse_args(["fid", "calc", "--images", "x", "--ref", "y", "--threads", "2"]).threads == 2
 
 
+def test_help_lists_commands_in_the_order_a_user_needs_them(capsys):
+    """`fewstep --help`: demo, sample, bench, learn, tune, train first, in that order, then every other command
+    (in the usage line and in the listing)."""
+    rc, out, _ = run_cli(["--help"], capsys)
+    assert rc == 0
+    first = ["demo", "sample", "bench", "learn", "tune", "train"]
+    usage = out[out.index("{") + 1 : out.index("}")].split(",")
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    for names in (usage, listed):
+        assert names[: len(first)] == first, names
+        assert len(names) > len(first) and len(set(names)) == len(names), names
+    assert listed == usage
+
+
 def test_library_inputs(tmp_path):
-    """Item 5, library side: bad noise is refused up front; numpy integers count; empty batches work."""
+    """The library side of silent nonsense: bad noise is refused up front; numpy integers count; empty batches work."""
     import fewstep
     from fewstep.models import load_model
 
@@ -195,7 +209,7 @@ def test_npz_layout_is_b_h_w_c(tmp_path):
     assert images.ndim == 4 and images.shape[0] == 3 and images.shape[-1] == 1 and images.dtype == np.uint8
 
 
-# --- item 7: plots ---------------------------------------------------------------------------------------------
+# --- plots ---------------------------------------------------------------------------------------------------
 
 def test_error_plot_colours_styles_markers_and_legend_outside():
     import matplotlib.pyplot as plt

@@ -36,7 +36,7 @@ def one_line_error(rc: int, err: str, *needles: str) -> None:
         assert needle in err, (needle, err)
 
 
-# --- item 2: sample folders ------------------------------------------------------------------------------------
+# --- sample folders --------------------------------------------------------------------------------------------
 
 def test_sample_folder_refuses_other_settings_and_resumes_the_same(tmp_path, capsys):
     out = str(tmp_path / "o")
@@ -92,7 +92,7 @@ def test_concurrent_claims_of_one_folder_exactly_one_wins(tmp_path):
     assert not list((tmp_path / "o").glob("*.tmp"))
 
 
-# --- item 1: training checkpoints ----------------------------------------------------------------------------------
+# --- training checkpoints ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
@@ -146,7 +146,7 @@ def test_sample_with_a_predictor_records_its_fingerprint(trained, tmp_path, caps
     one_line_error(rc, err, "predictor")
 
 
-# --- item 4: hand-edited amed.json -----------------------------------------------------------------------------------
+# --- hand-edited amed.json -------------------------------------------------------------------------------------------
 
 BAD_SETTINGS = {
     "student_options a string": (lambda s: s.update(student_options="abc"), "student_options"),
