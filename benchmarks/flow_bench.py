@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", default="3,4,5", help="comma-separated NFEs")
     p.add_argument("--budget", type=float, default=None,
                    help="training seconds per model and NFE (default 150 analytic, 600 network)")
+    p.add_argument("--families", default=None, help="tune --families (default: all)")
+    p.add_argument("--iters", default=None, help="tune --iters (default: tune's)")
     p.add_argument("--out", default="runs/flow_bench", help="where the cards go")
     args = p.parse_args(argv)
     for name in args.models.split(","):
@@ -38,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         n = 512 if model.exact else 64
         budget = args.budget or (150.0 if model.exact else 600.0)
         out = Path(args.out) / name
+        extra = [*(["--families", args.families] if args.families else []),
+                 *(["--iters", args.iters] if args.iters else [])]
         if fewstep(["tune", "--model", name, "--nfe", args.nfe, "--out", str(out), "--budget", str(budget),
-                    "--no-progress"]):
+                    "--no-progress", *extra]):
             return 1
         fme_json = out / "flow_match_euler.json"
         if fewstep(["bench", "--model", name, "--nfe", args.nfe, "--solvers", FLOW_MATCH_EULER, "--n", str(n),

@@ -23,6 +23,7 @@ from ..models import load_model
 from ..models.registry import ModelInfo
 from ..seeds import CARD_TRAINING, run_seed_type
 from ..solvers.base import Denoiser
+from ..tune import FAMILIES, Family
 from ..validate import int_list, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
 
@@ -85,6 +86,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _families(text: str) -> tuple[Family, ...]:
+    """'unipc,deis' → those entries of tune's FAMILIES, in the given order."""
+    by_base = {f.base: f for f in FAMILIES}
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in by_base]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(by_base)}, got {text!r}")
+    return tuple(by_base[n] for n in names)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..tune import default_config, tune
 
@@ -94,7 +105,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.pairs or args.iters:
         base_config = default_config(model, pairs=args.pairs, iters=args.iters)
     tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
-         conditions=conditions, bind=binder, log=lambda text: console.print(escape(text)), base_config=base_config)
+         conditions=conditions, bind=binder, log=lambda text: console.print(escape(text)), base_config=base_config,
+         families=args.families or FAMILIES)
     return 0
 
 
@@ -153,6 +165,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_arg(p)
     p.add_argument("--nfe", type=int_list, default=[3, 4, 5], help="comma-separated NFEs (default 3,4,5)")
     p.add_argument("--budget", type=positive_float, default=600.0, help="seconds of training per NFE (default 600)")
+    p.add_argument("--families", type=_families, default=None,
+                   help="comma-separated base solvers whose card families to try, in order (default: "
+                        f"{','.join(f.base for f in FAMILIES)})")
     p.add_argument("--n", type=positive_int, default=None,
                    help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
     p.add_argument("--pairs", type=positive_int, default=None,
