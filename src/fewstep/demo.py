@@ -46,7 +46,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
     fd = _fd_metric(model)
     seeds = list(range(n))
     ref = reference_solution(model, seeds, progress=progress)
-    noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
+    noise = seeded_noise(seeds, model.shape, model.state_dtype, model.device)  # drawn on the CPU, moved once
     records: list[dict[str, Any]] = []
     pictures: dict[str, torch.Tensor] = {"reference": ref[:8]}
 

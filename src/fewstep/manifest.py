@@ -21,7 +21,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # recorded for people, not compared on resume (a job may resume on another device: its samples agree to rounding)
 INFO_KEYS = frozenset({"fewstep_version", "predictor_path", "device"})
-SAMPLE_FILE = re.compile(r"^\d{6,}\.png$")  # what `fewstep sample` writes: one PNG per seed
+SAMPLE_FILE = re.compile(r"^\d{6,}\.(png|npy)$")  # what `fewstep sample` writes: a PNG per seed (latents)
 
 
 class ManifestError(FewstepError):

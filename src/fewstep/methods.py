@@ -16,6 +16,7 @@ go through them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -52,6 +53,9 @@ class SolverSpec:
     rho: float | None = None
     afs: bool | None = None
     path: str = ""
+    # True when `schedule` is the solver's recommended one filled in for a spec naming none: a model with a
+    # schedule of its own (`ModelInfo.schedule`, e.g. a flow pipeline's shifted grid) replaces it
+    default_schedule: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> SolverSpec:
@@ -80,7 +84,7 @@ class SolverSpec:
                 raise SolverError(f"solver spec {text!r}: the schedule's ρ must be a positive number, got {rho!r}")
             return cls(name, options, sched_name or default_sched, value, afs)
         if sched_name in ("", default_sched):
-            return cls(name, options, default_sched, default_rho, afs)
+            return cls(name, options, default_sched, default_rho, afs, default_schedule=not sched_name)
         return cls(name, options, sched_name, None, afs)  # that schedule's own default ρ
 
     @property
@@ -204,6 +208,8 @@ def resolve_method(spec: str | SolverSpec, model: Any, nfe: int | None = None, n
         return method
     use_afs = bool(spec.afs if spec.afs is not None else afs)
     final = final_denoise(model)
+    if spec.default_schedule and getattr(model, "schedule", ""):
+        spec = dataclasses.replace(spec, schedule=model.schedule, rho=None, default_schedule=False)
     if num_steps is None:
         if nfe is None:
             raise FewstepError("give an NFE budget or num_steps")

@@ -42,7 +42,7 @@ def reference_solution(
     def solve() -> torch.Tensor:
         parts = []
         for i in range(0, len(seeds), batch):
-            noise = seeded_noise(seeds[i : i + batch], model.shape, device=model.device)
+            noise = seeded_noise(seeds[i : i + batch], model.shape, model.state_dtype, model.device)
             parts.append(sample(model.denoiser, noise, REFERENCE_SOLVER, sched, progress=progress).cpu())
         return torch.cat(parts)
 

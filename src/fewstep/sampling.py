@@ -8,6 +8,9 @@ Under torchrun (WORLD_SIZE > 1) rank r samples seeds[r::world]; rank 0 writes th
 
 Conditional models (fewstep.conditioning): seed s gets classes[s mod len] with `classes` (prompts likewise),
 otherwise a class drawn uniformly per seed; the guidance scale applies to every sample.
+
+Latent models (`ModelInfo.decode`, diffusers pipelines): the PNGs are the decoded images; with `npz` each seed's
+final latents are kept as `SEED.npy` too and the .npz holds them as `latents` beside the images.
 """
 
 from __future__ import annotations
@@ -85,6 +88,14 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write(path, _write)
 
 
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, _write)
+
+
 def save_grid(path: str | Path, images: np.ndarray, cols: int | None = None, upscale: int = 4, pad: int = 2) -> None:
     """Tile uint8 images [B, H, W, C] into one PNG."""
     b, h, w, c = images.shape
@@ -121,7 +132,7 @@ def job_spec(job: SampleJob) -> SolverSpec:
     if job.schedule or job.rho is not None:
         if "@" in job.solver:
             raise FewstepError("give the schedule in --solver (@schedule) or with --schedule/--rho, not both")
-        spec = replace(spec, schedule=job.schedule or spec.schedule, rho=job.rho)
+        spec = replace(spec, schedule=job.schedule or spec.schedule, rho=job.rho, default_schedule=False)
     return spec
 
 
@@ -133,7 +144,7 @@ def check_job(job: SampleJob, model: ModelInfo) -> SolverSpec:
     if job.nfe is not None and job.num_steps is not None:
         raise FewstepError("give --nfe or --num-steps, not both")
     spec = job_spec(job)
-    if len(model.shape) != 3 or model.shape[0] not in (1, 3, 4):
+    if model.decode is None and (len(model.shape) != 3 or model.shape[0] not in (1, 3, 4)):
         raise FewstepError(f"model {job.model!r} has shape {tuple(model.shape)}; `sample` writes images and needs "
                            "[C, H, W] with 1, 3 or 4 channels")
     check_output_dir(job.out, "--out")
@@ -155,9 +166,10 @@ def run_sample_job(job: SampleJob) -> int:
         check_conditions(method.conditions, conditions,
                          f"{'card' if spec.solver == 'learned' else 'predictor'} {spec.path}")
     name, options = method.manifest_solver()
-    manifest = sample_manifest(model, name, options, method.grid.tolist(), method.afs, method.nfe, "float64",
-                               schedule=method.schedule, conditions=conditions.to_json(), device=str(model.device),
-                               **method.record)
+    extra = {"pipeline": model.record} if model.record else {}
+    manifest = sample_manifest(model, name, options, method.grid.tolist(), method.afs, method.nfe,
+                               str(model.state_dtype).removeprefix("torch."), schedule=method.schedule,
+                               conditions=conditions.to_json(), device=str(model.device), **method.record, **extra)
     out = Path(job.out)
     rank, world = distributed.world()
     if rank == 0:  # under torchrun rank 0 claims (or clears) the folder, the others then check the same manifest
@@ -165,17 +177,23 @@ def run_sample_job(job: SampleJob) -> int:
     distributed.barrier()
     if rank > 0:
         claim_folder(out, manifest)
-    todo = [s for s in seeds[rank::world] if not (out / f"{s:06d}.png").exists()]
+    latents = model.decode is not None and job.npz is not None  # keep each seed's latents for the .npz
+    todo = [s for s in seeds[rank::world]
+            if not (out / f"{s:06d}.png").exists() or (latents and not (out / f"{s:06d}.npy").exists())]
     written = 0
-    upscale = max(1, 32 // model.shape[-1])
+    upscale = 1 if model.decode is not None else max(1, 32 // model.shape[-1])
     for i in tqdm(range(0, len(todo), job.batch), desc="sample", disable=not job.progress or not todo or rank > 0):
         chunk = todo[i : i + job.batch]
         # conditions per seed (docs/maths.md, "Conditions and guidance")
         denoiser = conditioned_model(model, conditions, chunk).denoiser
         with torch.no_grad():
-            x = sample(denoiser, seeded_noise(chunk, model.shape, device=model.device), method.solver, method.grid,
-                       afs=method.afs)
-        for seed, img in zip(chunk, to_uint8(x)):
+            x = sample(denoiser, seeded_noise(chunk, model.shape, model.state_dtype, model.device), method.solver,
+                       method.grid, afs=method.afs)
+        if latents:
+            for seed, z in zip(chunk, x.float().cpu().numpy()):
+                save_npy(out / f"{seed:06d}.npy", z)
+        images = model.decode(x) if model.decode is not None else x
+        for seed, img in zip(chunk, to_uint8(images)):
             save_png(out / f"{seed:06d}.png", img, upscale)
             written += 1
     distributed.barrier()  # every rank's PNGs exist before rank 0 gathers them
@@ -183,7 +201,8 @@ def run_sample_job(job: SampleJob) -> int:
         imgs = np.stack([np.asarray(Image.open(out / f"{s:06d}.png")) for s in seeds])
         imgs = imgs if imgs.ndim == 4 else imgs[..., None]  # grey PNGs read as [H, W]
         if job.npz:  # uint8 [B, H, W, C] as in EDM's FID convention (the PNGs' resolution), with the seeds
-            save_npz(job.npz, images=imgs, seeds=np.array(seeds))
+            more = {"latents": np.stack([np.load(out / f"{s:06d}.npy") for s in seeds])} if latents else {}
+            save_npz(job.npz, images=imgs, seeds=np.array(seeds), **more)
         if job.grid:
-            save_grid(job.grid, imgs[:, ::upscale, ::upscale], upscale=upscale * 2)
+            save_grid(job.grid, imgs[:, ::upscale, ::upscale], upscale=1 if model.decode is not None else upscale * 2)
     return written

@@ -15,15 +15,18 @@ from rich.table import Table
 from ..conditioning import ConditionSpec, resolve
 from ..device import DEVICE_HELP
 from ..errors import FewstepError
+from ..integrations.diffusers_dir import DTYPES, PREFIX, pipeline_spec
 from ..models import BUILTIN_MODELS, DEFAULT_MODEL
 from ..models.registry import ModelInfo
 from ..signals import exit_code, interrupts
-from ..validate import env_threads, float_in, threads_int
+from ..validate import env_threads, float_in, positive_int, threads_int
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, soft_wrap=True)  # errors: stderr, one line however long
 
-MODEL_HELP = "built-in model ({}) or package.module:factory returning a denoiser (docs/integrations.md)"
+MODEL_HELP = ("built-in model ({}), package.module:factory returning a denoiser, or diffusers:DIR (a local pipeline "
+              "folder written by save_pretrained: SD 1.x/2.x, SDXL, SD3, Flux; docs/integrations.md)")
+PIPELINE_FLAGS = ("height", "width", "dtype", "negative_prompt")  # folded into a diffusers:DIR spec
 THREADS_HELP = ("torch CPU threads (default: $FEWSTEP_THREADS or torch's own choice); 1 is fastest for the small "
                 "analytic models and on a busy machine")
 
@@ -41,6 +44,28 @@ def add_model_arg(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, show
     """--model, checked by `model_arg` when parsed; the help lists the built-in models unless `help` is given."""
     text = help or MODEL_HELP.format(", ".join(BUILTIN_MODELS)) + (f"; default {default}" if show_default else "")
     p.add_argument("--model", default=default, type=model_arg, help=text)
+    g = p.add_argument_group("diffusers pipelines (--model diffusers:DIR)")
+    g.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the "
+                   "pipeline's own; a multiple of its VAE factor)")
+    g.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: as --height)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the networks' dtype (default fp32); the solver arithmetic stays float32")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the unconditional prompt of guidance and of sampling without --prompts (default: the "
+                        "pipeline's, i.e. the empty prompt)")
+
+
+def fold_pipeline_flags(args: argparse.Namespace) -> None:
+    """Fold --height/--width/--dtype/--negative-prompt into a `diffusers:DIR` model spec (so every command's
+    `load_model(args.model)` sees them); refused with any other model."""
+    given = {k: getattr(args, k) for k in PIPELINE_FLAGS if getattr(args, k, None) is not None}
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and model.startswith(PREFIX):
+        if given:
+            args.model = pipeline_spec(model, **given)
+    elif given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise FewstepError(f"{flags}: only for --model diffusers:DIR (a diffusers pipeline folder), not {model!r}")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -114,6 +139,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     with interrupts():
         try:
             args = parser.parse_args(argv)
+            fold_pipeline_flags(args)
             threads = getattr(args, "threads", None) or env_threads()
             if threads:
                 import torch

@@ -11,7 +11,7 @@ import torch
 from rich.markup import escape
 
 from ..conditioning import conditioned_model
-from ..device import resolve_device
+from ..device import resolve_device, to_device
 from ..errors import FewstepError
 from ..evaluation.fid import (
     FEATURE_NETWORKS,
@@ -25,7 +25,7 @@ from ..evaluation.fid import (
 from ..io import check_output_dir, check_output_file, write_text
 from ..methods import parse_options
 from ..models import load_model
-from .common import add_condition_args, add_model_arg, console, from_args
+from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
 
 
 def _device(name: str) -> str:
@@ -97,7 +97,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..evaluation.analysis import analyze, write_report
 
     check_output_dir(args.out, "--out")
-    model, conditions = from_args(load_model(args.model), args)
+    model, conditions = from_args(to_device(load_model(args.model), args.device), args)
     batch = args.batch
     # conditions bound for the seeds, run as one batch (docs/maths.md, "Conditions and guidance")
     if conditions.conditional:
@@ -173,5 +173,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_condition_args(a)
+    add_device_arg(a)
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=cmd_analyze)

@@ -23,17 +23,18 @@ from ..gits import (
     GitsSearch,
     nfe_to_num_steps,
 )
+from ..device import to_device
 from ..methods import parse_options
 from ..models import load_model
 from ..schedules import save_schedule
 from ..seeds import GITS_WARMUP
 from ..solvers import get_solver, nfe
 from ..validate import positive_int
-from .common import add_condition_args, add_model_arg, console, from_args
+from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
 
 
 def cmd_gits(args: argparse.Namespace) -> int:
-    model, conditions = from_args(load_model(args.model), args)
+    model, conditions = from_args(to_device(load_model(args.model), args.device), args)
     batch = args.batch
     warmup_seeds = GITS_WARMUP.seeds(args.warmup, option="--warmup")
     # conditions bound for the warm-up seeds, run as one batch (docs/maths.md, "Conditions and guidance")
@@ -98,5 +99,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=64, help="warm-up samples per teacher batch")
     p.add_argument("--out", required=True, help="schedule file to write (JSON)")
     add_condition_args(p)
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_gits)

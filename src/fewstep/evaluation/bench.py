@@ -77,7 +77,7 @@ def run_bench(
     artifacts = [resolve_method(s, model) if s.path else None for s in specs]  # fail early on a bad checkpoint
     seeds = list(range(first_seed, first_seed + n_samples))
     ref = reference_solution(model, seeds, progress=progress)
-    noise = seeded_noise(seeds, model.shape, device=model.device)  # drawn on the CPU, moved once
+    noise = seeded_noise(seeds, model.shape, model.state_dtype, model.device)  # drawn on the CPU, moved once
     methods: list[Method] = []
     for spec, artifact in zip(specs, artifacts):
         methods += [artifact] if artifact else classic_methods(model, [spec], nfes, afs)

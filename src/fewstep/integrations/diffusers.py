@@ -157,13 +157,15 @@ class DiffusersDenoiser:
     def guided(self) -> bool:
         return self.uncond is not None and self.guidance_scale != 1.0
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None, *,
+                 unet_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         """D(x, σ); with `cond` (per-sample prompt embeddings [B, L, E]) the conditional D(x, σ, cond) of one
-        plain batch, for fewstep.conditioning's guidance wrapper (the built-in guidance is then not applied)."""
+        plain batch, for fewstep.conditioning's guidance wrapper (the built-in guidance is then not applied).
+        `unet_kwargs` (e.g. SDXL's per-sample `added_cond_kwargs`) update the constructor's for this call."""
         b = x.shape[0]
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma.reshape(-1)
         x_in, t = self.table.model_input(x, sigma), self.table.timesteps(sigma)
-        kwargs = dict(self.unet_kwargs)
+        kwargs = {**self.unet_kwargs, **(unet_kwargs or {})}
         guided = self.guided and cond is None
         if cond is not None or self.cond is not None:
             cond = batch_rows(self.cond if cond is None else cond, b, "encoder_hidden_states", ModelError)
