@@ -346,11 +346,15 @@ def test_bad_input_is_one_line_and_writes_nothing(pipes, prompts, tmp_path, caps
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     (tmp_path / "empty.txt").write_text("\n")
+    shutil.copytree(pipes["sd"][1], tmp_path / "damaged")
+    weights = next((tmp_path / "damaged" / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
     sd = f"diffusers:{pipes['sd'][1]}"
     cases = [
         (["--model", f"diffusers:{tmp_path / 'notpipe'}"], "no model_index.json"),
         (["--model", f"diffusers:{tmp_path / 'missing'}"], "not found"),
         (["--model", f"diffusers:{tmp_path / 'other'}"], "KandinskyPipeline, which fewstep does not support"),
+        (["--model", f"diffusers:{tmp_path / 'damaged'}"], "cannot load the StableDiffusionPipeline"),
         (["--model", sd, "--dtype", "fp8"], "invalid choice"),
         (["--model", sd, "--height", "15"], "multiple of 2"),
         (["--model", sd, "--prompts", tmp_path / "empty.txt"], "has no prompts"),

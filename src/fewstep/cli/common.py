@@ -47,9 +47,10 @@ def add_model_arg(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, show
     g = p.add_argument_group("diffusers pipelines (--model diffusers:DIR)")
     g.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the "
                    "pipeline's own; a multiple of its VAE factor)")
-    g.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: as --height)")
+    g.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the "
+                   "pipeline's own)")
     g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="the networks' dtype (default fp32); the solver arithmetic stays float32")
+                   help="the networks' dtype (default fp32); the solver arithmetic stays in full precision")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="the unconditional prompt of guidance and of sampling without --prompts (default: the "
                         "pipeline's, i.e. the empty prompt)")
