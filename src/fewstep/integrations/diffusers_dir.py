@@ -154,7 +154,8 @@ def load_pipeline_model(spec: str) -> Any:
     from .diffusers_pipes import build_model, load_pipeline  # diffusers and transformers: imported here only
 
     pipe = load_pipeline(folder, class_name, index, options.dtype, spec)
-    return build_model(pipe, SUPPORTED[class_name], options, name=PREFIX + path, folder_fingerprint=fingerprint)
+    return build_model(pipe, SUPPORTED[class_name], options, name=PREFIX + str(Path(path)),  # 'dir/', './dir': 'dir'
+                       folder_fingerprint=fingerprint)
 
 
 __all__ = ["DTYPES", "PREFIX", "PipelineOptions", "SUPPORTED", "folder_fingerprint", "load_pipeline_model",
