@@ -18,15 +18,20 @@ from typing import Any
 
 import torch
 
-from .evaluation.bench import best_classic_schedules, best_per_nfe, markdown_table, run_bench, run_best_classic
+from .costs import CostPlan, training_cost
+from .evaluation.bench import (DEFAULT_SOLVERS, best_classic_schedules, best_per_nfe, expand_schedules, markdown_table,
+                               run_bench, run_best_classic)
 from .io import write_json, write_text
 from .learned.card import Card, save_card
-from .learned.train import LearnConfig, learn, sample_error, teacher_pairs
+from .learned.pairs import cached_count, teacher_nfe
+from .learned.train import LearnConfig, card_nfe, learn, sample_error, teacher_pairs
+from .memory import MemoryPlan
+from .methods import SolverSpec
 from .methods import ARG_SCHEDULES
 from .models.registry import ModelInfo
 from .noise import seeded_noise
 from .schedules import get_schedule
-from .seeds import EVALUATION, VALIDATION
+from .seeds import CARD_TRAINING, EVALUATION, VALIDATION
 from .solvers import num_steps_for_nfe, sample
 from .solvers.base import Denoiser
 
@@ -46,6 +51,9 @@ FAMILIES = (
     Family("deis", ("steps", "offsets", "weights", "mean")),
     Family("ipndm", ("steps", "offsets", "weights")),
 )
+# Tried only when asked (`tune --families`): a learned Euler (steps, offsets and multistep weights on d), for
+# models whose best classic solver is Euler, as flow models' nearly straight trajectories make it.
+OPTIONAL_FAMILIES = (Family("euler", ("steps", "offsets", "weights", "mean")),)
 
 
 def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None = None) -> LearnConfig:
@@ -59,9 +67,9 @@ def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None
 
 
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
-                       targets: torch.Tensor, seeds: list[int]) -> tuple[str, float]:
+                       targets: torch.Tensor, seeds: list[int], chunk: int | None = None) -> tuple[str, float]:
     """The best-classic schedule (`best_classic_schedules`) on which `base` (with AFS) has the lowest validation
-    RMSE."""
+    RMSE (solved in chunks of `chunk` seeds; None: all at once)."""
     device = torch.device(getattr(model, "device", None) or "cpu")
     noise, targets = seeded_noise(seeds, model.shape, device=device), targets.to(device)
     scores = []
@@ -72,8 +80,10 @@ def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, 
             grid = get_schedule(text, num_steps, model.sigma_min, model.sigma_max, model=model)
         else:
             grid = get_schedule(name, num_steps, model.sigma_min, model.sigma_max, rho=float(arg) if arg else None)
+        step = chunk or len(seeds)
         with torch.no_grad():
-            x = sample(bind(seeds), noise, base, grid, afs=True)
+            x = torch.cat([sample(bind(seeds[i : i + step]), noise[i : i + step], base, grid, afs=True)
+                           for i in range(0, len(seeds), step)])
         scores.append((float(sample_error(x, targets).mean()), text))
     err, text = min(scores)
     return text, err
@@ -82,9 +92,11 @@ def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, 
 def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 600.0, n_test: int | None = None,
          progress: bool = True, conditions: dict[str, Any] | None = None,
          bind: Callable[[list[int]], Denoiser] | None = None, log: Callable[[str], None] = print,
-         families: tuple[Family, ...] = FAMILIES, base_config: LearnConfig | None = None) -> list[dict[str, Any]]:
+         families: tuple[Family, ...] = FAMILIES, base_config: LearnConfig | None = None,
+         memory: MemoryPlan | None = None) -> list[dict[str, Any]]:
     """Fit `families` per NFE within `budget_s` seconds each; write every card, the best per NFE under
-    `out/nfe{N}/best`, and `table.md`, `table.json`, `error_vs_nfe.png` in `out`. Returns the table rows."""
+    `out/nfe{N}/best`, and `table.md`, `table.json`, `error_vs_nfe.png` in `out`. Returns the table rows.
+    `memory` (fewstep.memory) bounds the memory of every fit."""
     out = Path(out)
     bind = bind or (lambda seeds: model.denoiser)
     n_test = n_test or (512 if model.exact else 64)
@@ -95,6 +107,9 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
 
         test_model = conditioned_model(model, ConditionSpec.from_json(conditions), list(test_seeds))
     base_cfg = base_config or default_config(model)
+    memory = memory or MemoryPlan()
+    memory.validate(base_cfg.batch, "tune")
+    chunk = memory.eval_chunk if memory.micro_batch else None
     for nfe in nfes:  # every setting (seeds included) checked before any teacher runs
         replace(base_cfg, nfe=nfe, afs=True, conditions=conditions).validate()
     rows = []
@@ -102,17 +117,18 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
         began = time.perf_counter()
         cfg0 = replace(base_cfg, nfe=nfe, afs=True, conditions=conditions)
         val_seeds = list(VALIDATION.seeds(cfg0.val_pairs))
-        val_targets = teacher_pairs(model, val_seeds, cfg0, bind, progress=progress)
+        val_targets = teacher_pairs(model, val_seeds, cfg0, bind, memory.eval_chunk, progress=progress)
         tried: list[tuple[float, Card, Path]] = []
         for family in families:
             spent = time.perf_counter() - began
             if tried and spent > budget_s:
                 break
-            init, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds)
+            init, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds, chunk)
             cfg = replace(cfg0, base=family.base, params=family.params, init_schedule=init)
             key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
             folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(family.params)}-{key}"  # resumes the same config
-            card = learn(model, cfg, folder, progress=progress, bind=bind, time_limit=max(budget_s - spent, 1.0))
+            card = learn(model, cfg, folder, progress=progress, bind=bind, time_limit=max(budget_s - spent, 1.0),
+                         memory=memory, log=log)
             log(f"NFE {nfe}: {card.label} from {init} (val {init_err:.4f}) → val {card.training['val_rmse']:.4f}")
             tried.append((card.training["val_rmse"], card, folder))
         val, best, folder = min(tried, key=lambda t: t[0])
@@ -136,6 +152,47 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
     write_text(out / "table.md", markdown_table(header, body))
     _plot(rows, out / "error_vs_nfe.png", model.name)
     return rows
+
+
+def tune_plan(model: ModelInfo, nfes: list[int], budget_s: float, n_test: int | None = None,
+              conditions: dict[str, Any] | None = None, base_config: LearnConfig | None = None,
+              families: tuple[Family, ...] = FAMILIES, memory: MemoryPlan | None = None) -> CostPlan:
+    """The model calls `tune` plans (fewstep.costs): the teacher pairs (shared by every NFE and card), then per
+    NFE the initial-schedule sweep on the validation pairs, at most one fit per family (the budget stops earlier)
+    and the test benchmark. Validates every setting first."""
+    base_cfg = base_config or default_config(model)
+    memory = memory or MemoryPlan()
+    memory.validate(base_cfg.batch, "tune")
+    n_test = n_test or (512 if model.exact else 64)
+    EVALUATION.seeds(n_test, option="--n")
+    cfg0 = replace(base_cfg, nfe=nfes[0], afs=True, conditions=conditions, frame=model.frame.name)
+    for nfe in nfes:
+        replace(cfg0, nfe=nfe).validate()
+    train_seeds, val_seeds = CARD_TRAINING.seeds(cfg0.pairs, cfg0.seed), VALIDATION.seeds(cfg0.val_pairs)
+    total = len(train_seeds) + len(val_seeds)
+    todo = total - cached_count(model, list(train_seeds), cfg0) - cached_count(model, list(val_seeds), cfg0)
+    tcalls = teacher_nfe(model, cfg0)
+    plan = CostPlan(f"tune NFE {','.join(map(str, nfes))} on {model.name}: at most {len(families)} cards per NFE, "
+                    f"{budget_s:g} s of training each NFE ({memory.describe()})")
+    plan.add("teacher pairs", todo * tcalls, formula=f"{todo:,} of {total:,} pairs × {tcalls} calls; shared by "
+                                                     "every NFE and card")
+    schedules = len(best_classic_schedules(model))
+    configs = 2 * len(expand_schedules([SolverSpec.parse(s) for s in DEFAULT_SOLVERS], best_classic_schedules(model)))
+    for nfe in nfes:
+        cfgs = [replace(cfg0, nfe=nfe, base=f.base, params=f.params) for f in families]
+        calls = max(card_nfe(c) for c in cfgs)
+        plan.add(f"NFE {nfe} initial grids", len(cfgs) * schedules * cfg0.val_pairs * nfe,
+                 formula=f"{len(cfgs)} bases × {schedules} schedules × {cfg0.val_pairs} pairs × {nfe}")
+        training_cost(plan, f"NFE {nfe} training (at most)", cfg0.iters, cfg0.batch, calls, memory.checkpoint,
+                      runs=len(cfgs))
+        checks = 1 + cfg0.iters // 25 + (1 if cfg0.iters % 25 else 0)
+        plan.add(f"NFE {nfe} validation (at most)", len(cfgs) * (checks * cfg0.val_pairs + cfg0.pairs) * calls,
+                 formula=f"{len(cfgs)} cards × ({checks} × {cfg0.val_pairs} + {cfg0.pairs}) pairs × {calls}")
+        plan.add(f"NFE {nfe} test", (configs + 1) * n_test * nfe,
+                 formula=f"{configs} classic configurations + the card × {n_test} seeds × {nfe}")
+    plan.notes.append("training stops at the budget: its lines are upper bounds; the test's reference solutions "
+                      "(a 500-point Heun solve per seed on a network) come on top unless cached")
+    return plan
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -17,15 +17,16 @@ from ..errors import FewstepError
 from ..io import check_output_dir
 from ..learned.card import FORMAT_VERSION, PARAMETER_FAMILIES, load_card
 from ..learned.solver import BASES
-from ..learned.train import LOSSES, LearnConfig, learn
+from ..learned.train import LOSSES, LearnConfig, learn, learn_plan
 from ..methods import parse_options
 from ..models import load_model
 from ..models.registry import ModelInfo
 from ..seeds import CARD_TRAINING, run_seed_type
 from ..solvers.base import Denoiser
-from ..tune import FAMILIES, Family
+from ..tune import FAMILIES, OPTIONAL_FAMILIES, Family
 from ..validate import int_list, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
+from .plan import add_memory_args, log, memory_from_args, show_plan
 
 
 def _params(text: str) -> tuple[str, ...]:
@@ -56,9 +57,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
         return cmd_export(args)
     if args.action is not None or args.card is not None:
         raise FewstepError("learn: the only sub-action is `fewstep learn export DIR --sigmas`")
-    if not args.out:
+    if not args.out and not args.dry_run:
         raise FewstepError("learn: --out DIR is required (the card folder)")
-    check_output_dir(args.out, "--out")
+    if args.out:
+        check_output_dir(args.out, "--out")
 
     model, conditions, binder = _conditions(args, to_device(load_model(args.model), args.device))
     cfg = LearnConfig(base=args.base, base_options=parse_options(args.base_opt), nfe=args.nfe, afs=args.afs,
@@ -67,7 +69,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
                       teacher_options=parse_options(args.teacher_opt), teacher_steps=args.teacher_steps,
                       pairs=args.pairs, val_pairs=args.val_pairs, iters=args.iters, batch=args.batch, lr=args.lr,
                       seed=args.seed, conditions=conditions)
-    card = learn(model, cfg, out=args.out, progress=not args.no_progress, bind=binder)
+    memory = memory_from_args(args)
+    show_plan(learn_plan(model, cfg, memory))
+    if args.dry_run:
+        return 0
+    card = learn(model, cfg, out=args.out, progress=not args.no_progress, bind=binder, memory=memory, log=log)
     t = card.training
     console.print(f"{escape(card.label)} on {escape(model.name)}: NFE {card.nfe}, validation RMSE "
                   f"{t['val_rmse_initial']:.4g} → {t['val_rmse']:.4g} (train {t['train_rmse']:.4g}) in "
@@ -87,8 +93,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _families(text: str) -> tuple[Family, ...]:
-    """'unipc,deis' → those entries of tune's FAMILIES, in the given order."""
-    by_base = {f.base: f for f in FAMILIES}
+    """'unipc,deis' → those entries of tune's FAMILIES (or OPTIONAL_FAMILIES), in the given order."""
+    by_base = {f.base: f for f in (*FAMILIES, *OPTIONAL_FAMILIES)}
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in by_base]
     if not names or unknown:
@@ -97,16 +103,20 @@ def _families(text: str) -> tuple[Family, ...]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..tune import default_config, tune
+    from ..tune import default_config, tune, tune_plan
 
     check_output_dir(args.out, "--out")
     model, conditions, binder = _conditions(args, to_device(load_model(args.model), args.device))
     base_config = None
     if args.pairs or args.iters:
         base_config = default_config(model, pairs=args.pairs, iters=args.iters)
+    families, memory = args.families or FAMILIES, memory_from_args(args)
+    show_plan(tune_plan(model, args.nfe, args.budget, n_test=args.n, conditions=conditions, base_config=base_config,
+                        families=families, memory=memory))
+    if args.dry_run:
+        return 0
     tune(model, args.nfe, args.out, budget_s=args.budget, n_test=args.n, progress=not args.no_progress,
-         conditions=conditions, bind=binder, log=lambda text: console.print(escape(text)), base_config=base_config,
-         families=args.families or FAMILIES)
+         conditions=conditions, bind=binder, log=log, base_config=base_config, families=families, memory=memory)
     return 0
 
 
@@ -154,6 +164,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         f"{CARD_TRAINING.first()} + {CARD_TRAINING.block}·seed + i)")
     add_condition_args(p)
     add_device_arg(p)
+    add_memory_args(p)
     p.add_argument("--out", default=None, help="card folder (resumes from its learn_state.pt)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_learn)
@@ -167,7 +178,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=positive_float, default=600.0, help="seconds of training per NFE (default 600)")
     p.add_argument("--families", type=_families, default=None,
                    help="comma-separated base solvers whose card families to try, in order (default: "
-                        f"{','.join(f.base for f in FAMILIES)})")
+                        f"{','.join(f.base for f in FAMILIES)}; also "
+                        f"{','.join(f.base for f in OPTIONAL_FAMILIES)})")
     p.add_argument("--n", type=positive_int, default=None,
                    help="test samples, seeds 0…n-1 (default 512 analytic / 64 network)")
     p.add_argument("--pairs", type=positive_int, default=None,
@@ -176,6 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="iterations per card (default 400)")
     add_condition_args(p)
     add_device_arg(p)
+    add_memory_args(p)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_tune)
