@@ -237,12 +237,13 @@ def _flow(num_steps: int | None, sigma_min: float, sigma_max: float, arg: str | 
     """A flow pipeline's grid on the model's flow-time range: 'flow:shift=3', 'flow:mu=1.15[,type=linear]',
     'flow:dynamic' (Flux's μ from the model's latent size, 2×2 patches), '…,terminal=0.1', '…,spacing=karras';
     'flow:shift=3,diffusers' is diffusers' FlowMatchEuler default grid (range [s(s(1/1000)), 1], its end shifted
-    twice), whatever the model's t_min. A bare 'flow' takes the model's own options (`ModelInfo.flow_schedule`,
-    e.g. an SD3 pipeline's shift 3), else no shift."""
+    twice), whatever the model's t_min. A bare 'flow' takes the options of the model's own flow grid
+    (`ModelInfo.schedule`, e.g. an SD3 pipeline's 'flow:shift=3'), else no shift."""
     if num_steps is None:
         raise ScheduleError("schedule 'flow' needs num_steps")
     _check_range(num_steps, sigma_min, sigma_max)
-    options = parse_flow_arg(arg or getattr(model, "flow_schedule", "") or "")  # bare 'flow': the model's own
+    own = getattr(model, "schedule", "") or ""
+    options = parse_flow_arg(arg or (own.partition(":")[2] if own.startswith("flow:") else ""))
     if options.pop("diffusers", False):  # FlowMatchEuler's default set_timesteps(N): its stored range shifted again
         s = float(options.get("shift", 1.0))
         sigma_min = float(shift_time(shift_time(torch.tensor(1 / 1000, dtype=torch.float64), s), s))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,6 +142,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, "--out")
     model = to_device(load_model(args.model), args.device)
+    if model.num_classes:  # the demo samples a conditional model with its null label (its unconditional half)
+        console.print(f"{escape(model.name)} is conditional: the demo samples it unconditionally (null label); "
+                      "`bench` / `tune` --classes / --guidance run it guided", markup=False)
+        model = dataclasses.replace(model, num_classes=0, cond_denoiser=None)
     network = not model.exact  # a network: fewer samples, and a reused teacher pool (the teacher is the cost)
     n = args.n or (64 if network else 256)
     kimg = args.kimg or (3.2 if network else 10.0)

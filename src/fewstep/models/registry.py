@@ -42,7 +42,6 @@ class ModelInfo:
     condition_key: str = ""  # set when conditions are bound: cached references are kept per condition set
     device: str = "cpu"  # where the weights live: noise and solver state go there (fewstep.device.to_device)
     frame: Frame = EDM  # the solver coordinates (fewstep.frames): EDM σ-space, or the flow frame
-    flow_schedule: str = ""  # a flow model's own grid options, what a bare `flow` schedule uses (e.g. "shift=3")
     # latent models (diffusers pipelines, `diffusers:DIR`): final states → images [B, C, H, W] in [−1, 1], which
     # `fewstep sample` writes as PNGs (None: the states are the images)
     decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
