@@ -14,7 +14,8 @@ gradient computation once, so both behave alike:
   the state file gets the run's identity, the module, the optimizer, the iteration and the curves (an interrupt
   inside an update keeps the last checkpoint); a run resumes only a state of its own identity;
 * with a validation function: the module is validated at every checkpoint, and the best validated state is the
-  one left in the module at the end.
+  one left in the module at the end;
+* with a `log` function: once the first iterations are timed, the expected time of the rest (an ETA).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .costs import format_seconds
 from .errors import FewstepError
 from .io import atomic_write
 from .signals import interrupts
@@ -68,12 +70,14 @@ class Trainer:
                  seed: int, items: int | None = None, name: str = "module", state_path: Path | None = None,
                  identity: dict[str, Any] | None = None, extra: dict[str, torch.Tensor] | None = None,
                  checkpoint_every: int = 50, validate: Callable[[], float] | None = None, metric: str = "loss",
-                 desc: str = "train", progress: bool = True, log_every: int = 0) -> None:
+                 desc: str = "train", progress: bool = True, log_every: int = 0,
+                 log: Callable[[str], None] | None = None, eta_after: int = 3) -> None:
         self.module, self.optimizer, self.iterations, self.batch = module, optimizer, iterations, batch
         self.seed, self.items, self.name, self.state_path = seed, items, name, state_path
         self.identity, self.extra = dict(identity or {}), dict(extra or {})
         self.checkpoint_every, self.validate, self.metric = checkpoint_every, validate, metric
         self.desc, self.progress, self.log_every = desc, progress, log_every
+        self.log, self.eta_after = log, eta_after
         self.rank, self.world = distributed.world()
         self.start = 0
         self.history: list[float] = []  # the tracked metric of every iteration (mean over the whole batch)
@@ -108,6 +112,7 @@ class Trainer:
         stop_at = time.perf_counter() + time_limit if time_limit is not None else math.inf
         completed = saved = self.start
         updating = False
+        began, announced = time.perf_counter(), self.log is None or self.rank > 0
         with interrupts():
             try:
                 for it in bar:
@@ -139,6 +144,10 @@ class Trainer:
                     if self.best is not None:
                         shown["val"] = f"{self.best['val']:.4g}"
                     bar.set_postfix(**shown)
+                    if not announced and completed < self.iterations and (
+                            completed - self.start >= self.eta_after or time.perf_counter() - began > 60):
+                        announced = True
+                        self._announce_eta(completed, time.perf_counter() - began)
                     if self.log_every and completed % self.log_every == 0 and self.rank == 0:
                         print(json.dumps({"iteration": completed, self.metric: value, **result.info}), flush=True)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished iterations; the next run resumes
@@ -149,6 +158,14 @@ class Trainer:
             self._checkpoint(completed)
         if self.best is not None:
             self.module.load_state_dict(self.best["state"])
+
+    def _announce_eta(self, completed: int, seconds: float) -> None:
+        """Log the time per iteration of the iterations run so far and the expected time of the rest."""
+        done, left = completed - self.start, self.iterations - completed
+        per = seconds / done
+        eta = time.strftime("%H:%M", time.localtime(time.time() + per * left))
+        self.log(f"{self.desc}: {per:.3g} s per iteration over the first {done}; about "
+                 f"{format_seconds(per * left)} for the {left} left (done near {eta})")
 
     def _checkpoint(self, iteration: int) -> None:
         """Validate (keeping the best state) and save."""
@@ -200,3 +217,4 @@ class Trainer:
                 self.initial_val = state["initial_val"]
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise TrainingStateError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to start afresh") from e
+

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FewstepError, ModelError
+from ..fitted import check_fitted
 from ..frames import get_frame
 from ..io import atomic_write, write_json
 from ..models.registry import ModelInfo
@@ -56,6 +57,8 @@ class SamplingSettings:
     sigmas: list[float] | None = None  # the exact student grid (so gits:FILE need not exist at sampling time)
     model_fingerprint: str = ""  # the weights the predictor was trained on (networks)
     frame: str = "edm"  # the model's frame (docs/maths.md §15): a flow run ends with one more call, the step to 0
+    model_dtype: str = ""  # the network dtype it was trained at (it samples in any; fewstep.fitted)
+    model_weights: str = ""  # the weights-only fingerprint (a pipeline folder's), where the model has one
     predictor: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -85,20 +88,14 @@ class SamplingSettings:
         return get_schedule(self.schedule, self.num_steps, self.sigma_min, self.sigma_max, rho=self.rho)
 
     def check_model(self, model: ModelInfo) -> None:
-        """Refuse to run a predictor on a model it was not trained for."""
+        """Refuse to run a predictor on a model it was not trained for (name, weights, frame); the same model in
+        another dtype, on another device or at another sample size runs, the last with a warning (fewstep.fitted;
+        its features are pooled to 8×8 whatever the size)."""
         if model.frame is not get_frame(self.frame):
             raise CheckpointError(f"this predictor was trained on a {self.frame} model ({self.model!r}); "
                                   f"{model.name!r} is a {model.frame.name} model")
-        if model.name != self.model or list(model.shape) != list(self.model_shape):
-            raise CheckpointError(
-                f"this predictor was trained for model {self.model!r} {tuple(self.model_shape)}, "
-                f"not {model.name!r} {tuple(model.shape)}"
-            )
-        if self.model_fingerprint and model.fingerprint and self.model_fingerprint != model.fingerprint:
-            raise CheckpointError(
-                f"this predictor was trained for other weights of {self.model!r} (fingerprint "
-                f"{self.model_fingerprint}, the loaded model has {model.fingerprint}); retrain it"
-            )
+        check_fitted("predictor was trained", CheckpointError, self.model, self.model_shape, self.model_fingerprint,
+                     self.model_weights, self.model_dtype, model, remedy="retrain it")
 
 
 def save_checkpoint(out: str | Path, predictor: AMEDPredictor, settings: SamplingSettings) -> Path:
@@ -174,6 +171,8 @@ SETTINGS_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sigmas": (lambda v: v is None or (isinstance(v, list) and all(_is_number(s) for s in v)),
                "null or a list of numbers"),
     "model_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "model_dtype": (lambda v: isinstance(v, str), "a string"),
+    "model_weights": (lambda v: isinstance(v, str), "a string"),
     "predictor": (lambda v: isinstance(v, dict), "an object"),
     "training": (lambda v: isinstance(v, dict), "an object"),
 }

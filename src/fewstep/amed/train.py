@@ -9,27 +9,35 @@ intervals), `e2e` (only the final state, gradients through the whole rollout) an
 
 A conditional model is trained over a distribution of conditions (`conditions`, a ConditionSpec: each training
 seed gets its own class or prompt and the run's guidance scale), recorded in the checkpoint's `amed.json`.
+
+A teacher pool (`pool` N > 0) is computed once per model, conditions, teacher and grid and kept on disk in shards
+(fewstep.shards: `$FEWSTEP_CACHE/amed-pool/<digest>/`, resumable, dealt to the torchrun ranks). `memory`
+(fewstep.memory) runs each batch in micro-batches and recomputes the model calls' activations in the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..conditioning import ConditionSpec, conditioned_model
+from ..costs import CostPlan, training_cost
 from ..errors import FewstepError, SolverError
+from ..fitted import fitted_weights
+from ..memory import MemoryPlan, checkpointed, frozen, network_dtype
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
 from ..seeds import AMED_TRAINING
-from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, run, sample
+from ..shards import SeedTensors, ShardStore
+from ..solvers import Evaluator, GridPoint, ModelRequest, Node, answer, get_solver, nfe, run, sample
 from ..training import Step, Trainer
 from .checkpoint import SamplingSettings, check_no_predictor, model_identity, save_checkpoint
 from .features import feature_source
@@ -142,14 +150,17 @@ def teacher_states(model: ModelInfo, noise: torch.Tensor, cfg: TrainConfig) -> t
 
 
 def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas: torch.Tensor,
-            targets: torch.Tensor, features: Any) -> tuple[torch.Tensor, list[float], list[Any]]:
-    """One student rollout against the teacher states; backpropagates the configured loss.
+            targets: torch.Tensor, features: Any, weight: float = 1.0,
+            checkpoint: bool = False) -> tuple[torch.Tensor, list[float], list[Any]]:
+    """One student rollout against the teacher states; backpropagates the configured loss times `weight` (a
+    micro-batch's share of the batch).
 
     A consumer of the driver (`fewstep.solvers.run`): single-step students answer each grid request at the
     teacher's state (teacher forcing), and with the `step` loss every interval's graph is cut at its grid point.
-    Returns the final state, the per-interval losses and the controls used (for the progress bar).
+    With `checkpoint` the model calls' activations are recomputed in the backward pass instead of kept.
+    Returns the final state, the per-interval losses (times `weight`) and the controls used (for the progress bar).
     """
-    ev = Evaluator(model.denoiser, features=features)
+    ev = Evaluator(checkpointed(model.denoiser, checkpoint), features=features)
     forcing = cfg.student in SINGLE_STEP
     per_step = cfg.loss in ("step", "step+e2e")
     losses, controls = [], []
@@ -167,7 +178,7 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
         if point.index == 0:
             return None
         x = point.stepped if forcing else point.x  # the student's own state (before forcing replaced it)
-        loss = (x - targets[point.index]).pow(2).reshape(x.shape[0], -1).sum(1).mean()
+        loss = (x - targets[point.index]).pow(2).reshape(x.shape[0], -1).sum(1).mean() * weight
         losses.append(float(loss.detach()))
         if per_step:
             loss.backward(retain_graph=cfg.loss == "step+e2e")
@@ -178,18 +189,78 @@ def rollout(model: ModelInfo, predictor: AMEDPredictor, cfg: TrainConfig, sigmas
     student = Recorded(get_solver(cfg.student, **cfg.student_options), predictor)
     x = answer(run(student, targets[0], sigmas, afs=cfg.afs), evaluate, on_grid_point)
     if cfg.loss in ("e2e", "step+e2e"):
-        (x - targets[-1]).pow(2).reshape(x.shape[0], -1).sum(1).mean().backward()
+        ((x - targets[-1]).pow(2).reshape(x.shape[0], -1).sum(1).mean() * weight).backward()
     return x, losses, controls
 
 
-def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress: bool,
-                  spec: ConditionSpec) -> torch.Tensor:
-    """Teacher states [N, pool, …] for seeds first_seed…, computed once (a network teacher is the costly part)."""
-    chunks = [range(first_seed + i, first_seed + min(i + cfg.batch, cfg.pool)) for i in range(0, cfg.pool, cfg.batch)]
-    parts = [teacher_states(conditioned_model(model, spec, seeds),
-                            seeded_noise(seeds, model.shape, device=model.device), cfg)
-             for seeds in tqdm(chunks, desc="teacher pool", disable=not progress, leave=False)]
-    return torch.cat(parts, dim=1)
+def teacher_calls(cfg: TrainConfig) -> int:
+    """Model calls of one teacher run (on the refined grid of (M + 1)(N − 1) + 1 points)."""
+    return nfe(get_solver(cfg.teacher, **cfg.teacher_options), (cfg.M + 1) * (cfg.num_steps - 1) + 1, afs=False,
+               denoise_to_zero=False)
+
+
+def student_calls(cfg: TrainConfig) -> int:
+    """Model calls of one student rollout."""
+    return nfe(AMEDPlugin(get_solver(cfg.student, **cfg.student_options), None), cfg.num_steps, afs=cfg.afs,
+               denoise_to_zero=False)
+
+
+def pool_store(model: ModelInfo, cfg: TrainConfig, spec: ConditionSpec, fine: torch.Tensor) -> ShardStore:
+    """The disk store of teacher pools: teacher states at the student's grid points [N, *shape] per seed."""
+    key = {"model": model.name, "fingerprint": model.fingerprint, "shape": list(model.shape),
+           "frame": model.frame.name, "sigma_min": model.sigma_min, "sigma_max": model.sigma_max,
+           "conditions": spec.to_json() if spec.conditional else None, "teacher": cfg.teacher,
+           "teacher_options": dict(sorted(cfg.teacher_options.items())), "grid": [float(s) for s in fine],
+           "read_every": cfg.M + 1}
+    return ShardStore("amed-pool", key, (cfg.num_steps, *model.shape))
+
+
+def _teacher_pool(model: ModelInfo, cfg: TrainConfig, first_seed: int, progress: bool, spec: ConditionSpec,
+                  chunk: int, log: Callable[[str], None] | None = None) -> SeedTensors:
+    """Teacher states for seeds first_seed…first_seed + pool − 1 (rows [N, …]), computed once where missing, in
+    chunks of `chunk` seeds (a network teacher is the costly part)."""
+    store = pool_store(model, cfg, spec, teacher_schedule(model, cfg))
+    seeds = list(range(first_seed, first_seed + cfg.pool))
+
+    def solve(part: list[int]) -> torch.Tensor:
+        states = teacher_states(conditioned_model(model, spec, part),
+                                seeded_noise(part, model.shape, device=model.device), cfg)
+        return states.transpose(0, 1)
+
+    store.fill(seeds, solve, chunk, desc="teacher pool", progress=progress, log=log)
+    return store.view(seeds)
+
+
+def train_plan(model: ModelInfo, cfg: TrainConfig, memory: MemoryPlan | None = None,
+               conditions: ConditionSpec | None = None) -> CostPlan:
+    """The model calls `train` will make (fewstep.costs): the teacher runs (the pool's missing seeds, or a fresh
+    run for every trajectory) and the student rollouts. Validates the settings first."""
+    cfg.validate()
+    memory = memory or MemoryPlan()
+    memory.validate(cfg.batch, "train")
+    spec = conditions or ConditionSpec()
+    tcalls, calls = teacher_calls(cfg), student_calls(cfg)
+    plan = CostPlan(f"train {cfg.student} (AMED) on {model.name}: {cfg.iterations:,} iterations ({memory.describe()})")
+    if cfg.pool:
+        cached = 0
+        if cfg.schedule != "gits":  # a GITS grid would be searched first: counted as not cached
+            store = pool_store(model, cfg, spec, teacher_schedule(model, cfg))
+            first = cfg.training_seeds().start
+            have = store.present()
+            cached = sum(s in have for s in range(first, first + cfg.pool))
+        todo = cfg.pool - cached
+        plan.add("teacher pool", todo * tcalls, formula=f"{todo:,} of {cfg.pool:,} trajectories × {tcalls} calls of "
+                                                        f"{cfg.teacher}; {cached:,} cached")
+    else:
+        n = cfg.iterations * cfg.batch
+        plan.add("teacher", n * tcalls, formula=f"{cfg.iterations:,} iterations × batch {cfg.batch} × {tcalls} "
+                                                f"calls of {cfg.teacher}")
+    training_cost(plan, "student", cfg.iterations, cfg.batch, calls, memory.checkpoint, "calls (the student's NFE)")
+    m = memory.micro_batch or cfg.batch
+    plan.notes.append("backward counts are upper bounds (a call whose output no loss reads runs no backward); "
+                      f"activations held at once: {m} samples × "
+                      + ("1 model call (checkpointed)" if memory.checkpoint else f"up to {calls} model calls"))
+    return plan
 
 
 def _stats(controls: list[Any]) -> dict[str, str]:
@@ -201,15 +272,19 @@ def _stats(controls: list[Any]) -> dict[str, str]:
 
 
 def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
-          log_every: int = 0, conditions: ConditionSpec | None = None,
-          ) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
+          log_every: int = 0, conditions: ConditionSpec | None = None, memory: MemoryPlan | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[AMEDPredictor, SamplingSettings, dict[str, Any]]:
     """Distil a predictor; with `out`, checkpoint it (and resume from `out/train_state.pt` if present).
 
     The loop is `fewstep.training.Trainer`: checkpoints every 50 iterations, at the end and on Ctrl-C or SIGTERM;
     under torchrun (WORLD_SIZE > 1) rank r trains on the share seeds[r::world] of every batch and the gradients
     are averaged with weights share/batch, which gives the single-process gradient; rank 0 writes the files.
+    `memory` bounds an iteration's memory (micro-batches, activation checkpointing) without changing the predictor
+    beyond round-off; `log` receives the ETA lines.
     """
     cfg.validate()
+    memory = memory or MemoryPlan()
+    memory.validate(cfg.batch, "train")
     spec = conditions or ConditionSpec()
     conditioned_model(model, spec, [])  # refuses conditions for an unconditional model and vice versa
     rank, world = distributed.world()
@@ -223,25 +298,32 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
     trainer = Trainer(predictor, torch.optim.Adam(predictor.parameters(), lr=cfg.lr), cfg.iterations, cfg.batch,
                       seed=cfg.seed, items=cfg.pool or None, name="predictor",
                       state_path=Path(out) / "train_state.pt" if out is not None else None, identity=identity,
-                      checkpoint_every=50, desc="train AMED", progress=progress, log_every=log_every)
+                      checkpoint_every=50, desc="train AMED", progress=progress, log_every=log_every, log=log)
     if not trainer.resume() and out is not None:
         check_no_predictor(out)
     began = time.perf_counter()
     first_seed = cfg.training_seeds().start
-    pool = _teacher_pool(model, cfg, first_seed, progress and rank == 0, spec) if cfg.pool else None
+    chunk = min(cfg.batch, memory.micro_batch or cfg.batch)
+    pool = _teacher_pool(model, cfg, first_seed, progress, spec, chunk, log) if cfg.pool else None
 
-    with feature_source(model.bottleneck) as features:
+    with feature_source(model.bottleneck) as features, frozen(model):
 
         def step(it: int, mine: torch.Tensor) -> Step:
-            """This rank's share of the batch: fresh noise and teacher runs, or its columns of the pool."""
-            seeds = [first_seed + int(j) for j in mine]
-            bound = conditioned_model(model, spec, seeds)
-            if pool is None:
-                targets = teacher_states(bound, seeded_noise(seeds, model.shape, device=model.device), cfg)
-            else:
-                targets = pool[:, mine]
-            _, losses, controls = rollout(bound, predictor, cfg, sigmas, targets, features)
-            return Step(sum(losses), _stats(controls))
+            """This rank's share of the batch (in micro-batches): fresh noise and teacher runs, or its columns of
+            the pool."""
+            total, controls = 0.0, []
+            for part in memory.split(mine):
+                seeds = [first_seed + int(j) for j in part]
+                bound = conditioned_model(model, spec, seeds)
+                if pool is None:
+                    targets = teacher_states(bound, seeded_noise(seeds, model.shape, device=model.device), cfg)
+                else:
+                    targets = pool.take(part).transpose(0, 1).contiguous().to(model.device)
+                _, losses, used = rollout(bound, predictor, cfg, sigmas, targets, features, len(part) / len(mine),
+                                          memory.checkpoint)
+                total += sum(losses)
+                controls += used
+            return Step(total, _stats(controls))
 
         trainer.run(step)
     history = trainer.history
@@ -256,7 +338,10 @@ def train(model: ModelInfo, cfg: TrainConfig, out: str | Path | None = None, pro
         scale_time=cfg.scale_time, teacher=cfg.teacher, M=cfg.M, sigmas=sigmas.tolist(),
         guidance=spec.guidance if spec.conditional else None, conditions=spec.to_json() if spec.conditional else None,
         training={**asdict(cfg), **{k: v for k, v in stats.items() if k != "loss_curve"},
+                  "micro_batch": memory.micro_batch, "checkpoint": memory.checkpoint,
                   "seeds": {"training": AMED_TRAINING.record(len(cfg.training_seeds()), cfg.seed)}},
+        model_dtype=network_dtype(model, torch.float64 if model.exact else torch.float32),
+        model_weights=fitted_weights(model),
     )
     if out is not None and rank == 0:
         save_checkpoint(out, predictor, settings)

@@ -7,18 +7,23 @@ import argparse
 from rich.markup import escape
 
 from ..device import to_device
+from ..errors import FewstepError
 from ..io import check_output_dir
 from ..methods import parse_options
 from ..models import load_model
 from ..seeds import AMED_TRAINING, run_seed_type
 from ..validate import float_in, int_in, nonnegative_int, positive_float, positive_int
 from .common import add_condition_args, add_device_arg, add_model_arg, console, from_args
+from .plan import add_memory_args, log, memory_from_args, show_plan
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..amed.train import TrainConfig, train
+    from ..amed.train import TrainConfig, train, train_plan
 
-    check_output_dir(args.out, "--out")
+    if not args.out and not args.dry_run:
+        raise FewstepError("train: --out DIR is required (the checkpoint folder)")
+    if args.out:
+        check_output_dir(args.out, "--out")
     model = to_device(load_model(args.model), args.device)
     student_opts = parse_options(args.student_opt)
     if args.max_order is not None:
@@ -31,7 +36,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, loss=args.loss, seed=args.seed, pool=args.pool,
     )
     model, conditions = from_args(model, args)
-    _, settings, stats = train(model, cfg, out=args.out, progress=not args.no_progress, conditions=conditions)
+    memory = memory_from_args(args)
+    show_plan(train_plan(model, cfg, memory, conditions))
+    if args.dry_run:
+        return 0
+    _, settings, stats = train(model, cfg, out=args.out, progress=not args.no_progress, conditions=conditions,
+                               memory=memory, log=log)
     console.print(f"{escape(settings.label)} on {escape(model.name)}: NFE {settings.nfe}, "
                   f"loss {stats['loss_first']:.4g} → "
                   f"{stats['loss_last']:.4g} in {stats['seconds']:.1f} s; wrote {escape(args.out)}")
@@ -73,7 +83,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=nonnegative_int, default=0,
                    help="0: a fresh teacher run for every batch (the paper); N: run the teacher once on N seeds "
                         "and reuse them (much faster with a network teacher)")
-    p.add_argument("--out", required=True, help="checkpoint folder (resumes from its train_state.pt)")
+    add_memory_args(p)
+    p.add_argument("--out", default=None, help="checkpoint folder (resumes from its train_state.pt; required but with "
+                                               "--dry-run)")
     add_condition_args(p)
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

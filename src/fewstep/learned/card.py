@@ -2,7 +2,8 @@
 
 A card holds the base solver and its options, AFS, the learned σ grid, the evaluation offsets ξ, the optional
 correction matrices Δw / Δβ and the optional AFS shift μ (docs/maths.md, "Learned global solvers"), the identity
-of the model it was fitted to (name, shape, weights fingerprint, condition distribution) and the training record
+of the model it was fitted to (name, shape, weights fingerprint, condition distribution; the dtype and device of the
+fit: a card samples on any device and dtype, and at another size with a warning) and the training record
 (settings, train/validation losses). Every field is validated on load, and an error names the field; floats
 round-trip exactly through JSON.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import FewstepError
+from ..fitted import check_fitted
 from ..frames import EDM, Frame, get_frame
 from ..io import write_json
 from ..solvers import get_solver, nfe
@@ -47,7 +49,8 @@ class Card:
     coeffs: list[list[float]] | None = None  # Δβ [N][K] on D
     afs_shift: list[float] | None = None  # μ added to AFS's first D_0, flattened (family `mean`; None: not learned)
     params: list[str] = field(default_factory=list)  # the families that were learned
-    model: dict[str, Any] = field(default_factory=dict)  # name, shape, fingerprint, sigma_min, sigma_max
+    model: dict[str, Any] = field(default_factory=dict)  # name, shape, fingerprint, sigma_min, sigma_max, frame, and
+    # what it was fitted at: dtype, device, weights (the weights-only fingerprint, fewstep.fitted)
     conditions: dict[str, Any] | None = None  # condition distribution and guidance (conditional models)
     training: dict[str, Any] = field(default_factory=dict)  # settings and metrics
 
@@ -78,19 +81,17 @@ class Card:
                              afs_shift=as_tensor(self.afs_shift))
 
     def check_model(self, model: Any) -> None:
-        """Refuse a model other than the one the card was fitted to (name, shape, weights, frame)."""
+        """Refuse a model other than the one the card was fitted to (name, weights, frame); the same model in
+        another dtype, on another device or at another sample size is accepted, the last with a warning
+        (fewstep.fitted; a learned AFS shift fixes the size)."""
         name, shape = self.model.get("name"), self.model.get("shape")
         if self.frame is not getattr(model, "frame", EDM):
             kinds = {"edm": "an EDM / diffusion", "flow": "a flow-matching"}
             raise CardError(f"this card was learned on {kinds[self.frame.name]} model ({name!r}); {model.name!r} is "
                             f"{kinds[getattr(model, 'frame', EDM).name]} model")
-        if name != model.name or (shape is not None and list(shape) != list(model.shape)):
-            raise CardError(f"this card was learned for model {name!r} {tuple(shape or ())}, "
-                            f"not {model.name!r} {tuple(model.shape)}")
-        fp = self.model.get("fingerprint", "")
-        if fp and model.fingerprint and fp != model.fingerprint:
-            raise CardError(f"this card was learned for other weights of {name!r} (fingerprint {fp}, the loaded "
-                            f"model has {model.fingerprint}); learn it again")
+        check_fitted("card was learned", CardError, str(name), shape, self.model.get("fingerprint", ""),
+                     self.model.get("weights", ""), self.model.get("dtype", ""), model,
+                     resizable=self.afs_shift is None, remedy="learn it again")
 
 
 def save_card(out: str | Path, card: Card) -> Path:

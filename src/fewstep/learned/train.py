@@ -20,7 +20,6 @@ metric) or of |x_N − x_teacher| (`l1`); with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,20 +29,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
+from ..costs import CostPlan, training_cost
 from ..errors import FewstepError
+from ..fitted import fitted_weights
 from ..frames import get_frame
+from ..memory import MemoryPlan, checkpointed, frozen, network_dtype
 from ..models.registry import ModelInfo
 from ..noise import seeded_noise
 from ..schedules import get_schedule
 from ..seeds import CARD_TRAINING, VALIDATION
-from ..solvers import SOLVERS, Evaluator, get_solver, integrate, num_steps_for_nfe, sample
+from ..shards import SeedTensors
+from ..solvers import SOLVERS, Evaluator, get_solver, integrate, nfe, num_steps_for_nfe
 from ..solvers.base import Denoiser
 from ..training import Step, Trainer
 from .card import PARAMETER_FAMILIES, Card, save_card
+from .pairs import cached_count, teacher_nfe, teacher_pair_view, teacher_pairs, teacher_setup
 from .solver import BASES, LearnedSolver
+
+__all__ = ["LOSSES", "CardParameters", "LearnConfig", "learn", "learn_plan", "rollout", "sample_error",
+           "teacher_pairs", "teacher_setup"]
 
 LOSSES = ("l2", "rmse", "l1")
 
@@ -179,56 +185,17 @@ def init_grid(model: ModelInfo, cfg: LearnConfig) -> torch.Tensor:
     return get_schedule(name, cfg.num_intervals + 1, model.sigma_min, model.sigma_max, rho=rho, model=model)
 
 
-def teacher_setup(model: ModelInfo, cfg: LearnConfig) -> tuple[str, dict[str, Any], int]:
-    """(solver, options, grid points) of the teacher. 'auto': the benchmark's reference solver (Heun, 1 000 points)
-    on analytic models; DEIS-tAB order 4 with 60 points on networks (close to the 500-point Heun reference at a
-    small fraction of its cost; README, "Learned solvers")."""
-    from ..reference import REFERENCE_SOLVER, REFERENCE_STEPS
-
-    if cfg.teacher != "auto":
-        return cfg.teacher, dict(cfg.teacher_options), cfg.teacher_steps or REFERENCE_STEPS
-    if model.exact:
-        return REFERENCE_SOLVER, dict(cfg.teacher_options), cfg.teacher_steps or REFERENCE_STEPS
-    return "deis", {"max_order": 4, **cfg.teacher_options}, cfg.teacher_steps or 60
-
-
-def teacher_pairs(model: ModelInfo, seeds: list[int], cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
-                  batch: int = 256, progress: bool = False) -> torch.Tensor:
-    """x_teacher for each seed (float64, cached on disk by model, seeds, teacher and conditions); the expensive
-    part on a network, computed once and shared by every card of that model. Under torchrun the seeds are
-    sharded across ranks and gathered."""
-    from ..io import cache_dir, cached_tensor
-
-    teacher, options, steps = teacher_setup(model, cfg)
-    ident = repr((model.name, model.fingerprint, seeds, teacher, sorted(options.items()), steps, cfg.conditions))
-    rank, world = distributed.world()
-
-    def solve() -> torch.Tensor:
-        sched = get_schedule("polynomial", steps, model.sigma_min, model.sigma_max, rho=7.0)
-        mine = seeds[rank::world]
-        parts = [torch.zeros(0, *model.shape, dtype=torch.float64)]
-        for i in tqdm(range(0, len(mine), batch), desc="teacher pairs", disable=not progress or rank > 0,
-                      leave=False):
-            chunk = mine[i : i + batch]
-            with torch.no_grad():
-                parts.append(sample(bind(chunk), seeded_noise(chunk, model.shape, device=_device(model)), teacher,
-                                    sched, **options).to(device="cpu", dtype=torch.float64))
-        x = torch.cat(parts)
-        return distributed.gather_shards(x, len(seeds)) if world > 1 else x
-
-    path = cache_dir() / f"pairs-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.safetensors"
-    return cached_tensor(path, solve, write=rank == 0)
-
-
 def rollout(params: CardParameters, cfg: LearnConfig, denoiser: Denoiser, noise: torch.Tensor,
-            dtype: torch.dtype) -> torch.Tensor:
-    """x_N of the card on `noise` through the driver (gradients flow to `params` and through the model)."""
+            dtype: torch.dtype, checkpoint: bool = False) -> torch.Tensor:
+    """x_N of the card on `noise` through the driver (gradients flow to `params` and through the model; with
+    `checkpoint` every model call's activations, the flow frame's final denoise included, are recomputed in the
+    backward pass instead of kept)."""
     solver = params.solver(cfg.base, cfg.base_options)
     grid = solver.grid
     x = noise.to(dtype) * grid[0].to(dtype)
     frame = get_frame(cfg.frame)
-    return integrate(solver, Evaluator(denoiser), x, grid, afs=cfg.afs, denoise_to_zero=frame.final_denoise,
-                     frame=frame)
+    return integrate(solver, Evaluator(checkpointed(denoiser, checkpoint)), x, grid, afs=cfg.afs,
+                     denoise_to_zero=frame.final_denoise, frame=frame)
 
 
 def sample_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -236,17 +203,54 @@ def sample_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float64) - target).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
 
 
+def card_nfe(cfg: LearnConfig) -> int:
+    """Model calls of one rollout of the card."""
+    frame = get_frame(cfg.frame)
+    return nfe(get_solver(cfg.base, **cfg.base_options), cfg.num_intervals + 1, afs=cfg.afs,
+               denoise_to_zero=frame.final_denoise)
+
+
+def learn_plan(model: ModelInfo, cfg: LearnConfig, memory: MemoryPlan | None = None) -> CostPlan:
+    """The model calls `learn` will make (fewstep.costs): teacher pairs not cached yet, the optimisation, the
+    validations (at the start and every 25 iterations) and the final training error. Validates everything first."""
+    cfg = replace(cfg, frame=model.frame.name)
+    cfg.validate()
+    memory = memory or MemoryPlan()
+    memory.validate(cfg.batch, "learn")
+    calls, tcalls = card_nfe(cfg), teacher_nfe(model, cfg)
+    teacher, options, steps = teacher_setup(model, cfg)
+    cached = (cached_count(model, list(CARD_TRAINING.seeds(cfg.pairs, cfg.seed)), cfg)
+              + cached_count(model, list(VALIDATION.seeds(cfg.val_pairs)), cfg))
+    todo = cfg.pairs + cfg.val_pairs - cached
+    plan = CostPlan(f"learn {cfg.base} NFE {cfg.nfe} on {model.name} ({memory.describe()})")
+    plan.add("teacher pairs", todo * tcalls, formula=f"{todo:,} pairs × {tcalls} calls of {teacher} on "
+                                                     f"{steps} points; {cached:,} of {cfg.pairs + cfg.val_pairs:,} "
+                                                     "cached")
+    training_cost(plan, "training", cfg.iters, cfg.batch, calls, memory.checkpoint, "calls (the card's NFE)")
+    checks = 1 + cfg.iters // 25 + (1 if cfg.iters % 25 else 0)
+    plan.add("validation", checks * cfg.val_pairs * calls, formula=f"{checks} × {cfg.val_pairs:,} pairs × {calls}")
+    plan.add("final train error", cfg.pairs * calls, formula=f"{cfg.pairs:,} pairs × {calls}")
+    m = memory.micro_batch or cfg.batch
+    plan.notes.append(f"activations held at once: {m} samples × "
+                      + ("1 model call (checkpointed)" if memory.checkpoint else f"{calls} model calls"))
+    return plan
+
+
 def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, progress: bool = True,
-          bind: Callable[[list[int]], Denoiser] | None = None, time_limit: float | None = None) -> Card:
+          bind: Callable[[list[int]], Denoiser] | None = None, time_limit: float | None = None,
+          memory: MemoryPlan | None = None, log: Callable[[str], None] | None = None) -> Card:
     """Fit a card; with `out`, write `card.json` there (and resume from `out/learn_state.pt`).
 
     `bind(seeds)` returns the denoiser for a batch of seeds (a conditional model binds each seed's condition);
     by default the model's own denoiser. The loop is `fewstep.training.Trainer`: validates and checkpoints every 25
     iterations, saves on Ctrl-C/SIGTERM, keeps the best validated state. With `time_limit` (seconds, teacher pairs
-    excluded) training stops early.
+    excluded) training stops early. `memory` (fewstep.memory) bounds the memory of an iteration by micro-batches
+    and activation checkpointing without changing the card beyond round-off; `log` receives the ETA lines.
     """
     cfg = replace(cfg, frame=model.frame.name)
     cfg.validate()
+    memory = memory or MemoryPlan()
+    memory.validate(cfg.batch, "learn")
     bind = bind or (lambda seeds: model.denoiser)
     rank, world = distributed.world()
     if world > 1 and cfg.soft_radius > 0:
@@ -256,8 +260,9 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     train_seeds = list(CARD_TRAINING.seeds(cfg.pairs, cfg.seed))
     val_seeds = list(VALIDATION.seeds(cfg.val_pairs))
     began = time.perf_counter()
-    targets = teacher_pairs(model, train_seeds, cfg, bind, progress=progress).to(device)
-    val_targets = teacher_pairs(model, val_seeds, cfg, bind, progress=progress).to(device)
+    chunk = memory.eval_chunk
+    targets = teacher_pair_view(model, train_seeds, cfg, bind, chunk, progress, log)
+    val_targets = teacher_pair_view(model, val_seeds, cfg, bind, chunk, progress, log)
     teacher_seconds = time.perf_counter() - began
     torch.manual_seed(cfg.seed)
     params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, math.prod(model.shape))
@@ -270,13 +275,13 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
                 "sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "frame": model.frame.name}
 
     def validation() -> float:
-        return _mean_error(params, cfg, model, bind, val_seeds, val_targets, dtype)
+        return _mean_error(params, cfg, model, bind, val_seeds, val_targets, dtype, chunk)
 
     trainer = Trainer(params, opt, cfg.iters, cfg.batch, seed=cfg.seed, items=cfg.pairs, name="params",
                       state_path=Path(out) / "learn_state.pt" if out is not None else None,
                       identity={"config": asdict(cfg), "model": identity}, extra={"delta": delta},
                       checkpoint_every=25, validate=validation, metric="train", desc=f"learn {cfg.base} NFE {cfg.nfe}",
-                      progress=progress)
+                      progress=progress, log=log)
     trainer.resume()
 
     def cosine(step: int) -> float:  # lr factor at iteration start + step (a resumed run continues the curve)
@@ -284,16 +289,20 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
 
     def step(it: int, mine: torch.Tensor) -> Step:
-        """The card's rollout on this rank's pairs; backpropagates their mean loss; reports their mean RMSE."""
-        seeds = [train_seeds[int(i)] for i in mine]
-        mine = mine.to(device)
-        noise = seeded_noise(seeds, model.shape, device=device)
-        if cfg.soft_radius > 0:
-            noise = noise + delta[mine]
-        x = rollout(params, cfg, bind(seeds), noise, dtype)
-        diff = (x.to(torch.float64) - targets[mine]).reshape(len(mine), -1)
-        _loss(diff, cfg.loss).mean().backward()
-        return Step(float(sample_error(x.detach(), targets[mine]).mean()))
+        """The card's rollout on this rank's pairs (in micro-batches); backpropagates their mean loss; reports
+        their mean RMSE."""
+        errors = []
+        for part in memory.split(mine):
+            seeds = [train_seeds[int(i)] for i in part]
+            target = targets.take(part).to(device)
+            noise = seeded_noise(seeds, model.shape, device=device)
+            if cfg.soft_radius > 0:
+                noise = noise + delta[part.to(device)]
+            x = rollout(params, cfg, bind(seeds), noise, dtype, memory.checkpoint)
+            diff = (x.to(torch.float64) - target).reshape(len(part), -1)
+            (_loss(diff, cfg.loss).mean() * (len(part) / len(mine))).backward()  # × 1 without micro-batches
+            errors.append(sample_error(x.detach(), target))
+        return Step(float(torch.cat(errors).mean()))
 
     def project() -> None:  # δ back onto its ball
         with torch.no_grad():
@@ -301,21 +310,27 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
             scale = (cfg.soft_radius * math.sqrt(dim) / norm).clamp(max=1.0)
             delta.mul_(scale.reshape(-1, *([1] * len(model.shape))))
 
-    trainer.run(step, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, cosine),
-                after_update=project if cfg.soft_radius > 0 else None, time_limit=time_limit)
-    best = trainer.best
-    train_err = _mean_error(params, cfg, model, bind, train_seeds, targets, dtype)
+    with frozen(model):
+        trainer.run(step, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, cosine),
+                    after_update=project if cfg.soft_radius > 0 else None, time_limit=time_limit)
+        best = trainer.best
+        train_err = _mean_error(params, cfg, model, bind, train_seeds, targets, dtype, chunk)
     t = params.tensors()
     as_list = lambda v: None if v is None else v.detach().tolist()
+    fitted = {"dtype": network_dtype(model, dtype), "device": str(device)}  # what it was fitted at (shape: above)
+    if fitted_weights(model):
+        fitted["weights"] = fitted_weights(model)
     card = Card(
         base=cfg.base, base_options=dict(cfg.base_options), afs=cfg.afs, sigmas=as_list(t["grid"]),
         offsets=as_list(t["offsets"]), weights=as_list(t["weights"]), coeffs=as_list(t["coeffs"]),
         afs_shift=as_list(t["afs_shift"]),
-        params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model=identity, conditions=cfg.conditions,
+        params=[p for p in PARAMETER_FAMILIES if p in cfg.params], model={**identity, **fitted},
+        conditions=cfg.conditions,
         training=_plain({**asdict(cfg), "train_rmse": train_err, "val_rmse": best["val"],
                          "val_rmse_initial": trainer.initial_val, "best_iteration": best["iteration"],
                          "seconds": time.perf_counter() - began, "teacher_seconds": teacher_seconds,
-                         "val_curve": trainer.val_curve,
+                         "val_curve": trainer.val_curve, "micro_batch": memory.micro_batch,
+                         "checkpoint": memory.checkpoint,
                          "seeds": {"training": CARD_TRAINING.record(cfg.pairs, cfg.seed),
                                    "validation": VALIDATION.record(cfg.val_pairs)}}),
     )
@@ -345,10 +360,12 @@ def _loss(diff: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _mean_error(params: CardParameters, cfg: LearnConfig, model: ModelInfo, bind: Callable[[list[int]], Denoiser],
-                seeds: list[int], targets: torch.Tensor, dtype: torch.dtype) -> float:
-    """The card's mean per-sample RMSE to `targets` over `seeds` (no gradients; chunks of 256)."""
+                seeds: list[int], targets: SeedTensors, dtype: torch.dtype, chunk: int = 256) -> float:
+    """The card's mean per-sample RMSE to `targets` over `seeds` (no gradients; chunks of `chunk`)."""
+    device = _device(model)
     with torch.no_grad():
-        errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + 256]),
-                                     seeded_noise(seeds[i : i + 256], model.shape, device=_device(model)), dtype),
-                             targets[i : i + 256]) for i in range(0, len(seeds), 256)]
+        errs = [sample_error(rollout(params, cfg, bind(seeds[i : i + chunk]),
+                                     seeded_noise(seeds[i : i + chunk], model.shape, device=device), dtype),
+                             targets.take(range(i, min(i + chunk, len(seeds)))).to(device))
+                for i in range(0, len(seeds), chunk)]
     return float(torch.cat(errs).mean())
