@@ -346,3 +346,8 @@ def test_comfyuis_entry_point_loader_finds_the_nodes():
 
     exported = package._import_and_enumerate_nodes_in_module(fewstep.comfyui)
     assert set(exported.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points().select(group="comfyui.custom_nodes") if e.name == "fewstep"]
+    if found:  # the installed metadata has the entry point (installed after it was added)
+        assert found[0].load() is fewstep.comfyui
