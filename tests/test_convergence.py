@@ -61,6 +61,7 @@ from fewstep.models import GaussianMixture
 from fewstep.solvers import SOLVERS
 from fewstep.solvers.base import bcast
 from fewstep.frames import EDM
+from ode_reference import rk4
 from fewstep.solvers.exponential import DPMSolverPP
 
 lam = EDM.lam
@@ -84,20 +85,12 @@ def make_problem() -> tuple[GaussianMixture, torch.Tensor]:
 
 def rk4_reference(denoiser, noise: torch.Tensor, sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
     """Classic RK4 on dx/du = x − D(x, e^u) with u = log σ, from x = σ_max·noise down to σ_min."""
-    x = noise * sigma_max
     us = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps + 1, dtype=torch.float64)
 
     def f(u, y):
         return y - denoiser(y, torch.exp(u).expand(y.shape[0]))
 
-    for a, b in zip(us[:-1], us[1:]):
-        h = b - a
-        k1 = f(a, x)
-        k2 = f(a + h / 2, x + h / 2 * k1)
-        k3 = f(a + h / 2, x + h / 2 * k2)
-        k4 = f(b, x + h * k3)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    return rk4(f, noise * sigma_max, us)
 
 
 def rms(a: torch.Tensor) -> float:

@@ -17,6 +17,7 @@ from fewstep.models.analytic import GaussianMixture
 from fewstep.models.flow import FlowGaussianMixture
 from fewstep.models.registry import gmm_parameters
 from fewstep.solvers import Evaluator, GridPoint, answer, get_solver, run
+from ode_reference import rk4
 
 GMM_FLOW = FlowGaussianMixture(*gmm_parameters())
 NOISE64 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -138,19 +139,10 @@ T_MIN = 0.02
 
 
 def rk4_flow(noise: torch.Tensor, steps: int) -> torch.Tensor:
-    x = noise.clone()
-    ts = torch.linspace(1.0, T_MIN, steps + 1, dtype=torch.float64)
-
     def f(t, y):
         return (y - GMM_FLOW(y, t.expand(y.shape[0]))) / t
 
-    for a, b in zip(ts[:-1], ts[1:]):
-        h = b - a
-        k1 = f(a, x)
-        k2 = f(a + h / 2, x + h / 2 * k1)
-        k3 = f(a + h / 2, x + h / 2 * k2)
-        k4 = f(b, x + h * k3)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    x = rk4(f, noise.clone(), torch.linspace(1.0, T_MIN, steps + 1, dtype=torch.float64))
     return GMM_FLOW(x, torch.full((x.shape[0],), T_MIN, dtype=torch.float64))  # the final step to t = 0
 
 
