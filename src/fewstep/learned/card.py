@@ -80,15 +80,20 @@ class Card:
                              as_tensor(self.weights), as_tensor(self.coeffs), label=self.label,
                              afs_shift=as_tensor(self.afs_shift))
 
+    def check_frame(self, frame: Frame, model: str) -> None:
+        """Refuse a model of the other kind (`model` names it in the message): a card for an EDM / diffusion
+        model does not run on a flow model, nor the reverse."""
+        if self.frame is not frame:
+            kinds = {"edm": "an EDM / diffusion", "flow": "a flow-matching"}
+            raise CardError(f"this card was learned on {kinds[self.frame.name]} model "
+                            f"({self.model.get('name')!r}); {model} is {kinds[frame.name]} model")
+
     def check_model(self, model: Any) -> None:
         """Refuse a model other than the one the card was fitted to (name, weights, frame); the same model in
         another dtype, on another device or at another sample size is accepted, the last with a warning
         (fewstep.fitted; a learned AFS shift fixes the size)."""
         name, shape = self.model.get("name"), self.model.get("shape")
-        if self.frame is not getattr(model, "frame", EDM):
-            kinds = {"edm": "an EDM / diffusion", "flow": "a flow-matching"}
-            raise CardError(f"this card was learned on {kinds[self.frame.name]} model ({name!r}); {model.name!r} is "
-                            f"{kinds[getattr(model, 'frame', EDM).name]} model")
+        self.check_frame(getattr(model, "frame", EDM), repr(model.name))
         check_fitted("card was learned", CardError, str(name), shape, self.model.get("fingerprint", ""),
                      self.model.get("weights", ""), self.model.get("dtype", ""), model,
                      resizable=self.afs_shift is None, remedy="learn it again")
