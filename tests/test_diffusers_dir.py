@@ -37,7 +37,6 @@ from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
     T5Config,
     T5EncoderModel,
 )
@@ -49,6 +48,7 @@ from fewstep.errors import ModelError  # noqa: E402
 from fewstep.frames import FLOW  # noqa: E402
 from fewstep.integrations.diffusers import FewstepScheduler  # noqa: E402
 from fewstep.integrations.diffusers_dir import folder_fingerprint, parse_spec, pipeline_spec  # noqa: E402
+from tiny_tokenizer import tiny_clip_tokenizer  # noqa: E402
 from fewstep.methods import resolve_method  # noqa: E402
 from fewstep.models import load_model  # noqa: E402
 
@@ -57,17 +57,6 @@ SCHED = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, 
 
 
 # ------------------------------------------------------------------------------------------------ tiny pipelines
-
-
-def _tokenizer(folder: Path) -> tuple[CLIPTokenizer, int]:
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=8), len(vocab)
 
 
 def _clip(n: int, cls: type = CLIPTextModel) -> torch.nn.Module:
@@ -91,7 +80,7 @@ def _unet(**kwargs: object) -> UNet2DConditionModel:
 
 def build(kind: str, tmp: Path):
     torch.manual_seed(0)
-    tok, n = _tokenizer(tmp / f"tok-{kind}")
+    tok, n = tiny_clip_tokenizer(tmp / f"tok-{kind}")
     if kind == "sd":  # 2-level VAE: images are twice the latents' size
         return StableDiffusionPipeline(vae=_vae(2), text_encoder=_clip(n), tokenizer=tok,
                                        unet=_unet(cross_attention_dim=16), safety_checker=None,

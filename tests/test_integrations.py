@@ -19,7 +19,6 @@ encoder with a tokenizer written from a 28-token vocabulary, a 1-level `Autoenco
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -39,7 +38,8 @@ from diffusers import (
     UNet2DModel,
 )
 from k_diffusion.external import DiscreteEpsDDPMDenoiser
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tiny_tokenizer import tiny_clip_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import fewstep
 from fewstep.amed.checkpoint import SamplingSettings, save_checkpoint
@@ -74,17 +74,10 @@ def _no_grad():
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=8)
+    tokenizer, vocab_size = tiny_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
