@@ -250,20 +250,22 @@ def test_predictor_for_other_weights_is_refused(tmp_path):
         sample_checkpoint(other, NOISE, predictor, settings)
 
 
-def test_demo_command_writes_every_output(tmp_path):
+def test_demo_train_command_writes_every_output(tmp_path):
+    """`fewstep demo --train`: every predictor and card fitted from scratch (tiny settings)."""
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "fewstep", "demo", "--model", "gmm", "--n", "16", "--kimg", "0.064",
-                          "--amed-nfe", "3", "--card-nfe", "3", "--card-iters", "5", "--out", str(out),
+                          "--amed-nfe", "3", "--card-nfe", "3", "--card-iters", "5", "--train", "--out", str(out),
                           "--no-progress"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("table.md", "table.json", "error_vs_nfe.png", "samples_nfe5.png"):
         assert (out / name).stat().st_size > 0, name
     records = json.loads((out / "table.json").read_text())
     solvers = {r["solver"] for r in records}
-    assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc",
-            "learned card (UniPC)"} <= solvers
+    assert {"AMED-Solver", "AMED-Plugin[ipndm]", "AMED-Plugin[deis]", "deis +AFS", "unipc", "learned card"} <= solvers
     assert {r["nfe"] for r in records} == set(range(3, 11))
-    assert "AMED-Plugin" in run.stdout
+    assert [r["nfe"] for r in records if r["solver"] == "learned card"] == [3]  # fitted here, not shipped
+    assert all(r.get("train_seconds") for r in records if r["solver"].startswith(("AMED", "learned")))
+    assert "AMED-Plugin" in run.stdout and "learned live" not in run.stdout
 
 
 def test_amed_solver_has_a_recommended_schedule_like_every_solver():

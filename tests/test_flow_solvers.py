@@ -20,6 +20,7 @@ from fewstep.solvers import Evaluator, GridPoint, answer, get_solver, run
 from ode_reference import rk4
 
 GMM_FLOW = FlowGaussianMixture(*gmm_parameters())
+SMOOTH_FLOW = FlowGaussianMixture(gmm_parameters()[0], 0.25, gmm_parameters()[2])  # a well-conditioned ODE
 NOISE64 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 # every solver configuration (AMED-Plugin and cards are checked in their own tests)
@@ -45,12 +46,14 @@ def flow_grid(n: int, shift: float = 3.0) -> torch.Tensor:
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[_id(c) for c in CONFIGS])
 def test_float32_matches_float64_from_t1(cfg, afs):
     """The same solve from t = 1 in float32 and float64 agrees to 1e-5 relative: nothing is O(σ) = O(∞).
-    (In σ-space from σ = 1e6, DEIS loses 4e-2.) Float32 round-off of O(1) quantities over ~10 steps of a
-    well-conditioned linear update is ~1e-6; 1e-5 leaves a factor 10."""
+    (In σ-space from σ = 1e6, DEIS loses 4e-2.) On a well-conditioned problem: the gmm's sharp components
+    (s = 0.05…0.26) amplify a float32 rounding of the noise (6e-8) to 1.3e-5 at the sample, which no float32
+    solve can beat; with s = 0.25 the worst here is Heun at 3.4e-6 (its last d = (x − D)/t at t = 1e-3
+    multiplies the rounding of x − D by h/t), the same on every CPU kernel set; 1e-5 leaves a factor 3."""
     solver, opts = cfg
     grid = flow_grid(9)
-    x64 = fewstep.sample(GMM_FLOW, NOISE64, solver, grid, afs=afs, **opts)
-    x32 = fewstep.sample(GMM_FLOW, NOISE64.float(), solver, grid, afs=afs, **opts)
+    x64 = fewstep.sample(SMOOTH_FLOW, NOISE64, solver, grid, afs=afs, **opts)
+    x32 = fewstep.sample(SMOOTH_FLOW, NOISE64.float(), solver, grid, afs=afs, **opts)
     assert x64.dtype == torch.float64 and x32.dtype == torch.float32
     assert torch.isfinite(x64).all()
     rel = ((x32.double() - x64).norm() / x64.norm()).item()

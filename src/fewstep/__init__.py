@@ -7,7 +7,7 @@ from .learned import load_solver
 from .schedules import check_schedule, get_schedule
 from .solvers import SOLVERS
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "SOLVERS", "DenoiserError", "FewstepError", "ModelError", "ScheduleError", "SolverError",

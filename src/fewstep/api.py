@@ -1,5 +1,6 @@
 """`fewstep.sample`, `fewstep.nfe` and `fewstep.num_steps_for_nfe`: the core's functions, which take any solver
-object (an AMED-Plugin is `fewstep.amed.solver.AMEDPlugin(base, predictor, bottleneck)`), plus the previous
+object (an AMED-Plugin is `fewstep.amed.solver.AMEDPlugin(base, predictor, bottleneck)`), plus `solver="auto"`
+(the default: the shipped card of a built-in model, else the classic rule; `fewstep.shipped`) and the previous
 release's AMED keywords (`predictor=`, `bottleneck=`; `amed=True`), kept for one release with a
 DeprecationWarning."""
 
@@ -12,6 +13,10 @@ from typing import Any
 import torch
 
 from .amed.solver import AMEDPlugin
+from .errors import SolverError
+from .frames import frame_of
+from .methods import resolve_method
+from .models.registry import FLOW_T_MIN, ModelInfo
 from .solvers import driver, resolve
 from .solvers import nfe as _nfe
 from .solvers import num_steps_for_nfe as _num_steps_for_nfe
@@ -26,9 +31,15 @@ def _deprecated(old: str) -> None:
                   stacklevel=3)
 
 
-def sample(denoiser: driver.Denoiser, noise: torch.Tensor, solver: Any = "euler",
-           schedule: torch.Tensor | None = None, *, predictor: Any = None, bottleneck: torch.nn.Module | None = None,
+def sample(denoiser: Any, noise: torch.Tensor, solver: Any = "auto", schedule: torch.Tensor | None = None, *,
+           nfe: int | None = None, predictor: Any = None, bottleneck: torch.nn.Module | None = None,
            **kwargs: Any) -> torch.Tensor:
+    if isinstance(solver, str) and solver == "auto":
+        return _sample_auto(denoiser, noise, schedule, nfe, predictor, bottleneck, kwargs)
+    if nfe is not None:
+        raise SolverError("nfe= is for solver='auto'; with a named solver give a schedule or num_steps")
+    if isinstance(denoiser, ModelInfo):
+        denoiser = denoiser.denoiser
     if predictor is None and bottleneck is None:
         return driver.sample(denoiser, noise, solver, schedule, **kwargs)
     _deprecated("fewstep.sample(..., predictor=, bottleneck=)")
@@ -40,7 +51,32 @@ def sample(denoiser: driver.Denoiser, noise: torch.Tensor, solver: Any = "euler"
                              schedule, **kwargs)
 
 
+def _sample_auto(denoiser: Any, noise: torch.Tensor, schedule: torch.Tensor | None, nfe: int | None,
+                 predictor: Any, bottleneck: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """`solver="auto"` at `nfe` calls: on a ModelInfo (`fewstep.load_model`, conditions bound by
+    `conditioning.conditioned_model`) its card or the classic rule, on a plain denoiser the classic rule of its
+    frame on the frame's default range (EDM σ 0.002–80, flow t from 1 to 1e-3)."""
+    if schedule is not None or kwargs.get("num_steps") is not None or kwargs.get("afs") is not None:
+        raise SolverError("solver='auto' picks the grid and AFS itself: pass nfe= only (or name a solver to run "
+                          "on your schedule)")
+    if predictor is not None or bottleneck is not None:
+        raise SolverError("predictor= / bottleneck= need a named solver, not 'auto'")
+    if nfe is None:
+        raise SolverError("solver='auto' needs nfe= (model calls per sample)")
+    model = denoiser
+    if not isinstance(model, ModelInfo):
+        frame = frame_of(denoiser)
+        low, high = (FLOW_T_MIN, 1.0) if frame.final_denoise else (0.002, 80.0)
+        model = ModelInfo("", denoiser, tuple(noise.shape[1:]), low, high, frame=frame)
+    method = resolve_method("auto", model, nfe=nfe)
+    return driver.sample(model.denoiser, noise, method.solver, method.grid, afs=method.afs, **kwargs)
+
+
 sample.__doc__ = f"""{(driver.sample.__doc__ or "").rstrip()}
+    `solver="auto"` (the default) needs `nfe=` and picks the method: on a model from `fewstep.load_model` the
+    shipped card for that model, NFE and bound conditions (`fewstep cards`), else the classic rule of the
+    model's frame (`fewstep.shipped.CLASSIC_RULE`); on a plain denoiser the classic rule. `denoiser` may be such
+    a model (its `denoiser` is sampled).
     The AMED-Plugin of a solver is the solver `fewstep.amed.solver.AMEDPlugin(base, predictor, bottleneck)`
     (deprecated: `predictor=` / `bottleneck=` with the base solver's name).
     """

@@ -217,7 +217,7 @@ def conditioned_model(model: ModelInfo, spec: ConditionSpec, seeds: Sequence[int
         return model
     cond = conditions_for_seeds(spec, seeds)
     den = bind(model, cond, spec.guidance, spec.classifier_scale)
-    return dataclasses.replace(model, denoiser=den, condition_key=spec.key())
+    return dataclasses.replace(model, denoiser=den, condition_key=spec.key(), conditions=spec)
 
 
 # ----------------------------------------------------------------------------------------------- CLI helpers

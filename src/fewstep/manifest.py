@@ -47,7 +47,7 @@ def sample_manifest(model: Any, solver: str, options: dict[str, Any], sigmas: Se
     Values must be JSON-serialisable. Every key but INFO_KEYS takes part in the resume check, so a setting that
     affects the output must be a key here, and a key that does not affect it belongs in INFO_KEYS.
     """
-    from . import __version__
+    from .version import __version__
 
     return {
         "format": FORMAT_VERSION,

@@ -5,6 +5,8 @@ A method spec is one string:
 * `NAME[:opt=val,...][@SCHEDULE[:rho]][+afs]`: a registered solver with options, on a schedule (default: its
   recommended one), with AFS; e.g. `dpmpp:max_order=2@logsnr+afs`, `deis@time_uniform:2`, `ipndm@gits`.
 * `learned:DIR`: a learned solver card (`fewstep learn`); it brings its own grid, AFS and NFE.
+* `auto`: the best method fewstep knows for the model and NFE (`fewstep.shipped.auto_choice`): a card fitted to
+  this model, NFE and conditions (the user's own, then the shipped ones), else the classic rule of its frame.
 * `amed:DIR`: an AMED predictor checkpoint (`fewstep train`): the AMED-Plugin of its student, on its grid, with
   its AFS and NFE. (`amed` alone, or with options, is AMED-Solver without a predictor, a registered solver.)
 
@@ -61,6 +63,8 @@ class SolverSpec:
     def parse(cls, text: str) -> SolverSpec:
         """E.g. 'dpmpp:max_order=2', 'ipndm@logsnr+afs', 'deis:deis_mode=rhoab@polynomial:5', 'learned:DIR'."""
         text = text.strip()
+        if text == "auto":
+            return cls("auto")
         kind, colon, rest = text.partition(":")
         if kind == "learned" or (kind == "amed" and colon and "=" not in rest.partition("@")[0]):
             if not rest.strip():
@@ -168,6 +172,7 @@ class Method:
     schedule: dict[str, Any]  # {"name", "rho"}: "learned" for a card's own grid
     record: dict[str, Any] = field(default_factory=dict)
     conditions: dict[str, Any] | None = None
+    note: str = ""  # why `auto` chose this method (printed by the commands)
 
     @property
     def num_steps(self) -> int:
@@ -192,12 +197,15 @@ class Method:
 
 
 def resolve_method(spec: str | SolverSpec, model: Any, nfe: int | None = None, num_steps: int | None = None,
-                   afs: bool | None = None) -> Method:
+                   afs: bool | None = None, conditions: Any = None, card_dirs: Sequence[str | Path] = ()) -> Method:
     """`spec` on `model` (a ModelInfo): a classic solver at `nfe` calls (or on `num_steps` grid points) with
     `afs` unless the spec says '+afs'; a card or checkpoint at its own grid, AFS and NFE (a different `nfe`, or
-    `afs=True` for an artifact without AFS, is refused). Raises UnreachableNFE when a classic solver cannot use
-    exactly `nfe` calls."""
+    `afs=True` for an artifact without AFS, is refused); `auto` at `nfe` for the `conditions` in use (a
+    ConditionSpec; None: those bound into the model, if any), searching `card_dirs` before the shipped cards.
+    Raises UnreachableNFE when a classic solver cannot use exactly `nfe` calls."""
     spec = SolverSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.solver == "auto":
+        return _auto_method(model, nfe, num_steps, afs, conditions, card_dirs)
     loaded = load_solver_spec(spec, model, getattr(model, "bottleneck", None))
     if spec.path:
         method = _artifact_method(spec, loaded, model)
@@ -220,6 +228,40 @@ def resolve_method(spec: str | SolverSpec, model: Any, nfe: int | None = None, n
     return Method(spec, loaded.solver, grid, use_afs,
                   solvers.nfe(loaded.solver, len(grid), afs=use_afs, denoise_to_zero=final), spec.label,
                   {"name": spec.schedule, "rho": spec.rho})
+
+
+def _auto_method(model: Any, nfe: int | None, num_steps: int | None, afs: bool | None, conditions: Any,
+                 card_dirs: Sequence[str | Path]) -> Method:
+    """`auto`: the card `fewstep.shipped.find_card` finds, else the first spec of the classic rule of the model's
+    frame that reaches exactly `nfe` calls (iPNDM reaches any), on the model's own schedule where it has one (a
+    pipeline's shifted grid); the choice in the record and the note."""
+    from .shipped import find_card, rule_specs
+
+    if num_steps is not None or afs:
+        raise FewstepError("--solver auto picks the grid and AFS itself: give --nfe only (or name a solver)")
+    if nfe is None:
+        raise FewstepError("--solver auto needs an NFE budget: --nfe N (model calls per sample, e.g. 5)")
+    card, why = find_card(model, nfe, conditions if conditions is not None else model.conditions, card_dirs)
+    if card is not None:
+        method = resolve_method(SolverSpec("learned", path=str(card.path)), model, nfe=nfe)
+        kind = "shipped card" if card.set else "card"
+        test = (f", test RMSE {card.row['learned_rmse']:.4f} vs best classic {card.row['best_classic_rmse']:.4f}"
+                if card.row else "")
+        return dataclasses.replace(method, label="auto", record={**method.record, "auto": {"choice": kind,
+                                                                                          "card": card.name}},
+                                   note=f"auto at NFE {nfe}: {kind} {card.name}{test}")
+    for text in [*rule_specs(getattr(model, "frame", EDM).name, nfe), "ipndm"]:
+        if getattr(model, "schedule", ""):  # a pipeline's own grid (its shift) beats the rule's generic one
+            text = f"{text.partition('@')[0].removesuffix('+afs')}@{model.schedule}" + ("+afs" if "+afs" in text
+                                                                                         else "")
+        try:
+            method = resolve_method(text, model, nfe=nfe)
+        except UnreachableNFE:
+            continue
+        return dataclasses.replace(method, label="auto", record={
+            **method.record, "auto": {"choice": "classic rule", "spec": text, "note": why}},
+            note=f"auto at NFE {nfe}: classic rule {text} ({why})")
+    raise UnreachableNFE(f"no classic solver reaches exactly {nfe} NFE")
 
 
 def final_denoise(model: Any) -> bool:

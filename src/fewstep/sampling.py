@@ -16,6 +16,7 @@ final latents are kept as `SEED.npy` too and the .npz holds them as `latents` be
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ from .solvers import get_solver, sample
 class SampleJob:
     model: str
     out: str
-    solver: str = "ipndm"  # a solver name or a method spec (fewstep.methods): 'dpmpp:max_order=2@logsnr', 'learned:DIR'
+    solver: str = "auto"  # a solver name or a method spec (fewstep.methods): 'auto', 'dpmpp:max_order=2@logsnr',
+    # 'learned:DIR'
     nfe: int | None = None
     num_steps: int | None = None
     schedule: str | None = None
@@ -61,6 +63,7 @@ class SampleJob:
     guidance: float | None = None  # classifier-free guidance scale (None: 1, or a predictor's recorded one)
     classifier_scale: float = 0.0  # classifier guidance scale (models with a noise-aware classifier)
     device: str | None = None  # where the model and the solver run (None: where the model is); fewstep.device
+    cards: tuple[str, ...] = ()  # the user's card folders that `auto` searches before the shipped cards
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -116,6 +119,15 @@ def job_spec(job: SampleJob) -> SolverSpec:
             raise FewstepError("--solver learned:DIR and --predictor: give one method")
         return SolverSpec("amed", path=job.predictor)
     spec = SolverSpec.parse(job.solver)
+    if spec.solver == "auto":
+        if job.options or job.schedule or job.rho is not None or job.num_steps or job.afs:
+            raise FewstepError("--solver auto picks the grid, options and AFS itself: drop --opt, --schedule, --rho, "
+                               "--num-steps and --afs (or name a solver)")
+        if job.nfe is None:
+            raise FewstepError("--solver auto needs an NFE budget: --nfe N (model calls per sample, e.g. 5)")
+        return spec
+    if job.cards:
+        raise FewstepError("--cards is searched by --solver auto only")
     if spec.path:
         if job.options or job.schedule or job.rho is not None or job.num_steps:
             raise FewstepError(f"--solver {spec.solver}:DIR brings its own grid, options and AFS: drop --opt, "
@@ -153,16 +165,22 @@ def check_job(job: SampleJob, model: ModelInfo) -> SolverSpec:
     return spec
 
 
-def run_sample_job(job: SampleJob) -> int:
-    """Run a sampling job; returns how many new PNGs were written (by this rank, under torchrun)."""
+def run_sample_job(job: SampleJob, log: Callable[[str], None] = print) -> int:
+    """Run a sampling job; returns how many new PNGs were written (by this rank, under torchrun). `log` gets
+    the line saying what `auto` chose."""
     model = to_device(load_model(job.model), job.device)
     seeds = parse_seeds(job.seeds)
     spec = check_job(job, model)
-    method = resolve_method(spec, model, nfe=job.nfe, num_steps=job.num_steps, afs=job.afs)
-    if spec.solver == "amed" and job.guidance is None and method.conditions:
-        job.guidance = ConditionSpec.from_json(method.conditions).guidance  # the checkpoint's recorded scale
+    method = None
+    if spec.solver != "auto":
+        method = resolve_method(spec, model, nfe=job.nfe, num_steps=job.num_steps, afs=job.afs)
+        if spec.solver == "amed" and job.guidance is None and method.conditions:
+            job.guidance = ConditionSpec.from_json(method.conditions).guidance  # the checkpoint's recorded scale
     model, conditions = resolve(model, job.classes, job.prompts, job.guidance, job.classifier_scale)
-    if method.artifact:
+    if method is None:  # auto: a card fitted for these conditions, or the classic rule
+        method = resolve_method(spec, model, nfe=job.nfe, conditions=conditions, card_dirs=job.cards)
+        log(method.note)
+    if method.artifact and spec.solver != "auto":
         check_conditions(method.conditions, conditions,
                          f"{'card' if spec.solver == 'learned' else 'predictor'} {spec.path}")
     name, options = method.manifest_solver()

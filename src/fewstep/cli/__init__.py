@@ -20,7 +20,7 @@ DESCRIPTION = ("The `fewstep` command line: the demo, sampling, benchmarks, lear
 COMMAND_MODULES = (bench, sample, learn, train, gits, evaluate, listing, train_models)
 # The order `fewstep --help` lists the commands in: what a user does first, first; a command not named here
 # follows these in the order its module added it.
-COMMAND_ORDER = ("demo", "sample", "bench", "learn", "tune", "train", "gits", "analyze", "fid", "solvers", "models",
+COMMAND_ORDER = ("demo", "sample", "bench", "learn", "tune", "train", "gits", "analyze", "fid", "solvers", "models", "cards",
                  "train-model", "train-classifier", "train-noisy-classifier")
 
 

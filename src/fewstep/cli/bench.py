@@ -37,8 +37,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     add_model_arg(p, show_default=True)
     p.add_argument("--nfe", type=int_list, default=list(DEFAULT_NFES),
                    help="comma-separated NFE budgets (default 3,4,5,6,7,8,10)")
-    p.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
-                   help="solvers to run, ';'-separated specs 'name[:opt=val,...][@schedule[:rho]]', or a "
+    p.add_argument("--solvers", default=",".join(("auto", *DEFAULT_SOLVERS)),
+                   help="solvers to run (default: auto, what `fewstep sample` uses by default, and every classic "
+                        "solver), ';'-separated specs 'name[:opt=val,...][@schedule[:rho]]', or a "
                         "plain comma list of names; each uses its recommended schedule unless given "
                         "(e.g. 'ipndm;dpmpp:max_order=2;deis:deis_mode=rhoab@polynomial:7')")
     p.add_argument("--n", type=positive_int, default=512, help="number of samples (seeds first-seed…first-seed+n-1)")
@@ -126,6 +127,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print_table(header, rows, f"RMSE to the reference solution — {args.model}, {args.n} samples"
                 + (", AFS" if args.afs else "") + (f", {conditions.describe()}" if conditions.conditional else "")
                 + " (* best per NFE)")
+    for r in records:
+        if r.get("note"):
+            console.print(escape(r["note"]))
     _report(args, records, nfes)
     console.print(f"[dim]{time.perf_counter() - start:.1f} s[/dim]")
     if args.json:
@@ -135,9 +139,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: AMED predictors, learned solver cards and every classic solver on a built-in model; table,
-    JSON, plots."""
-    from ..demo import run_demo
+    """The main job: the shipped cards and AMED predictors (or, with --train, freshly fitted ones) beside every
+    classic solver on a built-in model; table, JSON, plots."""
+    from ..demo import DemoSettings, run_demo
 
     out = Path(args.out)
     check_output_dir(out, "--out")
@@ -146,17 +150,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"{escape(model.name)} is conditional: the demo samples it unconditionally (null label); "
                       "`bench` / `tune` --classes / --guidance run it guided", markup=False)
         model = dataclasses.replace(model, num_classes=0, cond_denoiser=None)
-    network = not model.exact  # a network: fewer samples, and a reused teacher pool (the teacher is the cost)
-    n = args.n or (64 if network else 256)
-    kimg = args.kimg or (3.2 if network else 10.0)
-    pool = 256 if network else 0
-    records = run_demo(model, out, n=n, kimg=kimg, pool=pool, batch=64 if network else 128, amed_nfes=args.amed_nfe,
-                       card_nfes=args.card_nfe, card_iters=args.card_iters, progress=not args.no_progress,
+    settings = DemoSettings.of(model)
+    n = args.n or settings.n
+    records = run_demo(model, out, n=n, kimg=args.kimg or settings.kimg, pool=settings.pool, batch=settings.batch,
+                       amed_nfes=args.amed_nfe, card_nfes=args.card_nfe, card_iters=args.card_iters,
+                       train=args.train, progress=not args.no_progress,
                        log=lambda text: console.print(text, markup=False))
     nfes = sorted({r["nfe"] for r in records})
     header, rows = table_rows(records, nfes)
     print_table(header, rows, f"RMSE to the reference solution — {model.name}, {n} samples (* best per NFE)")
-    console.print(f"wrote {escape(str(out))}/table.md, table.json, error_vs_nfe.png, samples_nfe5.png and predictors/")
+    console.print(f"wrote {escape(str(out))}/table.md, table.json, error_vs_nfe.png, samples_nfe5.png")
     return 0
 
 
@@ -171,17 +174,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device_arg(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the main job: train AMED predictors, benchmark them beside every classic "
-                                    "solver at NFE 3-10, write table, plot and sample pictures")
+    p = sub.add_parser("demo", help="the main job: the shipped solver cards and AMED predictors beside every "
+                                    "classic solver at NFE 3-10, a card learned live on gmm; table, plot, pictures",
+                       description="Benchmark the shipped learned solver cards (`fewstep cards`) and AMED "
+                                   "predictors beside every classic solver (with and without AFS) at NFE 3-10 from "
+                                   "the same noise against a reference solve, learn one card live on gmm, and write "
+                                   "table.md/json, error_vs_nfe.png and samples_nfe5.png. --train fits every "
+                                   "predictor and card from scratch instead (minutes).")
     add_model_arg(p, "digits", show_default=True)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n", type=positive_int, default=None,
                    help="number of evaluation samples, seeds 0…n-1 (default 64 for a network, 256 otherwise)")
+    p.add_argument("--train", action="store_true",
+                   help="fit the AMED predictors and the cards from scratch instead of using the shipped ones")
     p.add_argument("--kimg", type=positive_float, default=None,
                    help="training trajectories (thousands) per predictor (default 3.2 for a network, 10 otherwise)")
-    p.add_argument("--amed-nfe", type=int_list, default=[5], help="NFEs to train AMED predictors for (default 5)")
+    p.add_argument("--amed-nfe", type=int_list, default=[5],
+                   help="NFEs of the AMED predictors (default 5; shipped ones where they exist, else trained)")
     p.add_argument("--card-nfe", type=int_list, default=[3, 5],
-                   help="NFEs to learn UniPC solver cards for (default 3,5; fewstep learn)")
+                   help="NFEs to learn UniPC solver cards for with --train or a model without shipped cards "
+                        "(default 3,5; fewstep learn)")
     p.add_argument("--card-iters", type=int_in(1), default=None,
                    help="training iterations per card (default 150 for a network, 400 otherwise)")
     add_device_arg(p)

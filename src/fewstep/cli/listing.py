@@ -1,4 +1,4 @@
-"""`fewstep solvers` and `fewstep models`: what there is to run, as a table or as JSON."""
+"""`fewstep solvers`, `fewstep models` and `fewstep cards`: what there is to run, as a table or as JSON."""
 
 from __future__ import annotations
 
@@ -40,8 +40,31 @@ def cmd_models(args: argparse.Namespace) -> int:
                  ["model", "shape", "frame", "σ range (flow: t)", "bottleneck", "description"], rows)
 
 
+def cmd_cards(args: argparse.Namespace) -> int:
+    from ..shipped import CARD_SETS, shipped_cards
+
+    rows = []
+    for c in shipped_cards():
+        if args.model and CARD_SETS[c.set].model != args.model:
+            continue
+        r = c.row or {}
+        guidance = CARD_SETS[c.set].guidance
+        rows.append([c.set, CARD_SETS[c.set].model, "–" if not c.conditions else f"classes, w={guidance:g}",
+                     str(c.nfe), r.get("learned", "?"), *(f"{r[k]:.4f}" if k in r else "?" for k in
+                                                          ("train_rmse", "val_rmse", "learned_rmse")),
+                     r.get("best_classic", "?"), f"{r['best_classic_rmse']:.4f}" if r else "?",
+                     f"{r['ratio']:.2f}" if r else "?", str(c.path)])
+    keys = ["set", "model", "conditions", "nfe", "card", "train_rmse", "val_rmse", "test_rmse", "best_classic",
+            "best_classic_rmse", "ratio", "path"]
+    if args.json:
+        return _show(args, keys, keys, rows)
+    print_table(["set", "model", "conditions", "NFE", "card", "train", "val", "test", "best classic", "RMSE",
+                 "ratio"], [r[:-1] for r in rows], "shipped solver cards (learned:FOLDER with `--json`'s path)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add `solvers` and `models`."""
+    """Add `solvers`, `models` and `cards`."""
     p = sub.add_parser("solvers", help="list the solvers, their options and recommended schedules")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_solvers)
@@ -49,3 +72,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in models")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("cards", help="list the shipped solver cards (what --solver auto uses) with their test RMSE "
+                                     "beside the best classic configuration",
+                       description="The solver cards shipped with fewstep (benchmarks/ship_cards.py fits them): per "
+                                   "built-in model and conditions, NFE 3-8, the card's train / validation / test RMSE "
+                                   "(test: evaluation seeds 0-511 analytic, 0-63 network, against the reference "
+                                   "solve) beside the best classic solver × schedule × AFS on the same seeds.")
+    p.add_argument("--model", default=None, help="only the cards of this built-in model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_cards)

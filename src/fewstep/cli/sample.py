@@ -19,8 +19,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     grid=args.grid, npz=args.npz, batch=args.batch, predictor=args.predictor,
                     options=parse_options(args.opt), progress=not args.no_progress, overwrite=args.overwrite,
                     classes=args.classes, prompts=args.prompts, guidance=args.guidance,
-                    classifier_scale=args.classifier_guidance, device=args.device)
-    written = run_sample_job(job)
+                    classifier_scale=args.classifier_guidance, device=args.device, cards=tuple(args.cards))
+    written = run_sample_job(job, log=lambda line: console.print(escape(line)))
     console.print(f"wrote {written} new sample(s) to {escape(args.out)}")
     return 0
 
@@ -29,11 +29,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `sample`."""
     p = sub.add_parser("sample", help="sample a model with any solver (or an AMED predictor) to PNGs / .npz")
     add_model_arg(p)
-    p.add_argument("--solver", default="ipndm",
-                   help="solver name or method spec 'name[:opt=val,...][@schedule[:rho]][+afs]' (ignored with "
-                        "--predictor); learned:DIR for a learned solver card (fewstep learn) or amed:DIR for an AMED "
-                        "checkpoint, which bring their own grid, AFS and NFE")
-    p.add_argument("--nfe", type=positive_int, default=None, help="NFE budget (sets num_steps)")
+    p.add_argument("--solver", default="auto",
+                   help="default auto: the card fitted to this model, NFE and conditions (yours from --cards, else "
+                        "the shipped ones: `fewstep cards`), else the best classic rule for the model's kind "
+                        "(printed, and recorded in the manifest). Or a solver name or method spec "
+                        "'name[:opt=val,...][@schedule[:rho]][+afs]' (ignored with --predictor); learned:DIR for a "
+                        "learned solver card (fewstep learn) or amed:DIR for an AMED checkpoint, which bring their "
+                        "own grid, AFS and NFE")
+    p.add_argument("--cards", action="append", default=[], metavar="DIR",
+                   help="with --solver auto: a folder of your own cards (searched recursively, e.g. a `fewstep "
+                        "tune` output), preferred to the shipped ones; repeatable")
+    p.add_argument("--nfe", type=positive_int, default=None, help="NFE budget (sets num_steps; needed by auto)")
     p.add_argument("--num-steps", type=int_in(2), default=None, help="grid points N instead of --nfe")
     p.add_argument("--schedule", default=None, help="schedule (default: the solver's recommended one)")
     p.add_argument("--rho", type=positive_float, default=None, help="schedule ρ")

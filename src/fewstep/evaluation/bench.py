@@ -44,13 +44,14 @@ class Record:
     predictor: str | None = None  # the AMED checkpoint folder (bench --predictor)
     learned: bool = False  # a learned solver card
     card: str | None = None  # the card folder (bench --learned)
+    note: str | None = None  # what `auto` chose at this NFE
     metrics: dict[str, Any] = field(default_factory=dict)  # extra columns, e.g. fd_digits
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"solver": self.solver, "nfe": self.nfe, "num_steps": self.num_steps,
                                "schedule": self.schedule, "afs": self.afs, "rmse": self.rmse}
         optional = {"seconds": self.seconds, "train_seconds": self.train_seconds, "predictor": self.predictor,
-                    "learned": self.learned or None, "card": self.card}
+                    "learned": self.learned or None, "card": self.card, "note": self.note}
         row.update((k, v) for k, v in optional.items() if v is not None)
         return {**row, **self.metrics}
 
@@ -93,7 +94,7 @@ def classic_methods(model: ModelInfo, specs: Sequence[SolverSpec], nfes: Sequenc
     for spec in specs:
         for target in nfes:
             try:
-                out.append(resolve_method(spec, model, nfe=target, afs=afs))
+                out.append(resolve_method(spec, model, nfe=target, afs=None if spec.solver == "auto" else afs))
             except UnreachableNFE:
                 continue
     return out
@@ -113,7 +114,7 @@ def measure(model: ModelInfo, methods: Iterable[Method], noise: torch.Tensor, re
         yield Record(method.label, method.nfe, method.num_steps, method.schedule_label, method.afs, rmse(x, ref),
                      seconds=seconds, predictor=method.spec.path if kind == "amed" else None,
                      learned=kind == "learned", card=method.spec.path if kind == "learned" else None,
-                     metrics=extra(x)), x
+                     note=method.note or None, metrics=extra(x)), x
 
 
 # The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.
@@ -192,7 +193,8 @@ def expand_schedules(specs: Sequence[SolverSpec], schedules: Sequence[str]) -> l
 
 def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],
                metric: str = "rmse") -> tuple[list[str], list[list[str]]]:
-    """A solver × NFE grid of `metric` strings ('–' where a solver cannot hit that NFE), best per column marked *."""
+    """A solver × NFE grid of `metric` strings ('–' where a solver cannot hit that NFE), best per column marked *.
+    `auto` is one row: its choice per NFE is in the records' notes."""
     header = ["solver", "schedule", *[f"NFE {n}" for n in nfes]]
     best = {n: min((r[metric] for r in records if r["nfe"] == n), default=math.inf) for n in nfes}
     rows: dict[tuple[str, str], list[str]] = {}
@@ -200,9 +202,10 @@ def table_rows(records: Sequence[dict[str, Any]], nfes: Sequence[int],
     for r in records:
         if r["nfe"] not in nfes:
             continue
-        marked = r["solver"].endswith(" +AFS")  # the demo's labels carry it already
+        auto = r["solver"] == "auto"
+        marked = r["solver"].endswith(" +AFS") or auto  # the demo's labels carry it already
         label = r["solver"] + (" +AFS" if mixed_afs and r.get("afs") and not r.get("learned") and not marked else "")
-        row = rows.setdefault((label, r["schedule"]), ["–"] * len(nfes))
+        row = rows.setdefault((label, "per NFE" if auto else r["schedule"]), ["–"] * len(nfes))
         mark = "*" if r[metric] == best[r["nfe"]] else ""
         row[list(nfes).index(r["nfe"])] = f"{r[metric]:.4f}{mark}"
     return header, [[s, sch, *cells] for (s, sch), cells in rows.items()]

@@ -126,7 +126,7 @@ class CardParameters(torch.nn.Module):
     `mean`). `tensors()` gives the values the card stores (history and AFS masks applied)."""
 
     def __init__(self, init_grid: torch.Tensor, families: tuple[str, ...], window: int, afs: bool,
-                 data_dim: int = 0):
+                 data_dim: int = 0, free_end: bool = False):
         super().__init__()
         n = len(init_grid) - 1
         log = init_grid.log()
@@ -135,6 +135,11 @@ class CardParameters(torch.nn.Module):
         gaps = (log[:-1] - log[1:]) / (self.log_max - self.log_min)
         self.families, self.afs = tuple(families), afs
         self.steps = torch.nn.Parameter(gaps.log(), requires_grad="steps" in families)
+        # `free_end` (runs that end with D(x, σ_N), flow models): the last grid point σ_N = σ_min·(σ_{N−1}/σ_min)^e,
+        # e = clamp(end, 0, 0.95), learned with the steps; at σ_min that final call is nearly D(x) = x, higher it
+        # makes a real last step to 0 (docs/maths.md, "Learned global solvers"). e = 0 at initialisation.
+        self.end = (torch.nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad="steps" in families)
+                    if free_end else None)
         self.offsets = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64), requires_grad="offsets" in families)
         k = min(window, n)
         self.weights = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64)) if "weights" in families else None
@@ -154,7 +159,11 @@ class CardParameters(torch.nn.Module):
         log_sigma = self.log_max + u * (self.log_min - self.log_max)
         grid = log_sigma.exp()
         # pin the endpoints exactly (the cumulative sum ends at 1 only up to rounding)
-        return torch.cat([grid.new_tensor(self.ends[:1]), grid[1:-1], grid.new_tensor(self.ends[1:])])
+        last = grid.new_tensor(self.ends[1:])
+        if self.end is not None:
+            e = torch.where(self.end >= 0, self.end.clamp_max(0.95), 0.0)  # clamp(0, 0.95), with a gradient at 0
+            last = last * torch.exp((log_sigma[-2:-1] - self.log_min) * e)
+        return torch.cat([grid.new_tensor(self.ends[:1]), grid[1:-1], last])
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {
@@ -265,7 +274,8 @@ def learn(model: ModelInfo, cfg: LearnConfig, out: str | Path | None = None, pro
     val_targets = teacher_pair_view(model, val_seeds, cfg, bind, chunk, progress, log)
     teacher_seconds = time.perf_counter() - began
     torch.manual_seed(cfg.seed)
-    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, math.prod(model.shape))
+    params = CardParameters(init_grid(model, cfg), cfg.params, cfg.window, cfg.afs, math.prod(model.shape),
+                            free_end=model.frame.final_denoise)
     dim = math.prod(model.shape)
     delta = torch.zeros(cfg.pairs, *model.shape, dtype=torch.float64, device=device,
                         requires_grad=cfg.soft_radius > 0)

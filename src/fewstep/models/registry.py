@@ -40,6 +40,7 @@ class ModelInfo:
     # the same model conditioned on prompt indices 0…P−1 (∅ = P), prompts encoded once
     noisy_classifier: torch.nn.Module | None = field(default=None, repr=False)  # logits(x, σ): classifier guidance
     condition_key: str = ""  # set when conditions are bound: cached references are kept per condition set
+    conditions: Any = None  # the ConditionSpec bound into `denoiser` (conditioning.conditioned_model), else None
     device: str = "cpu"  # where the weights live: noise and solver state go there (fewstep.device.to_device)
     frame: Frame = EDM  # the solver coordinates (fewstep.frames): EDM σ-space, or the flow frame
     # latent models (diffusers pipelines, `diffusers:DIR`): final states → images [B, C, H, W] in [−1, 1], which

@@ -1,0 +1,124 @@
+"""Fit the shipped solver cards (`fewstep cards`) and re-measure their table.
+
+For every card set (a built-in model and a condition distribution) and NFE 3–8 this runs `fewstep tune` with one
+card family, a fixed number of iterations (no time budget: the result does not depend on the machine's speed)
+and the project's recipe, then copies each NFE's best card into the package (`src/fewstep/data/cards/SET/nfeN/`)
+and writes `SET/table.json`: train / validation / test RMSE of the card beside the best classic configuration
+(solvers × schedules × AFS) on the same test seeds, and each test seed's own error (`test_errors`, whose mean is
+the test RMSE: tests/test_shipped.py recomputes some of them). Work folders under `runs/ship/` make it
+resumable.
+
+    python benchmarks/ship_cards.py                    # every set, in order
+    python benchmarks/ship_cards.py --sets digits,gmm  # some
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fewstep.conditioning import ConditionSpec, bind, conditioned_model, conditions_for_seeds, resolve
+from fewstep.io import write_json
+from fewstep.learned.card import load_card
+from fewstep.methods import SolverSpec, resolve_method
+from fewstep.models import load_model
+from fewstep.models.registry import ModelInfo
+from fewstep.noise import seeded_noise
+from fewstep.reference import reference_solution
+from fewstep.seeds import EVALUATION
+from fewstep.solvers import sample
+from fewstep.shipped import CARD_SETS, SHIPPED_DIR
+from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, default_config, tune
+
+NFES = [3, 4, 5, 6, 7, 8]
+FAMILY = {f.base: f for f in (*FAMILIES, *OPTIONAL_FAMILIES)}
+
+
+def set_model(name: str) -> tuple[ModelInfo, ConditionSpec]:
+    """A card set's model and the conditions its cards are fitted for (classes drawn uniformly)."""
+    card_set = CARD_SETS[name]
+    model = load_model(card_set.model)
+    if model.num_classes:
+        return resolve(model, guidance=card_set.guidance, draw="uniform")
+    return model, ConditionSpec()
+
+
+def test_errors(name: str, folder: Path, nfe: int) -> list[float]:
+    """Each test seed's RMSE (the benchmark's per-sample error) of the card in `folder` against the reference."""
+    model, spec = set_model(name)
+    seeds = list(EVALUATION.seeds(512 if model.exact else 64))
+    model = conditioned_model(model, spec, seeds)
+    ref = reference_solution(model, seeds)
+    method = resolve_method(SolverSpec("learned", path=str(folder)), model, nfe=nfe)
+    with torch.no_grad():
+        x = sample(model.denoiser, seeded_noise(seeds, model.shape, model.state_dtype), method.solver, method.grid,
+                   afs=method.afs)
+    return (x.double() - ref.double()).reshape(len(seeds), -1).pow(2).mean(1).sqrt().tolist()
+
+
+def add_test_errors(name: str, dest: Path) -> None:
+    """Fill in `test_errors` of every row of a shipped set's table."""
+    table = json.loads((dest / name / "table.json").read_text())
+    for row in table["rows"]:
+        row["test_errors"] = test_errors(name, dest / name / f"nfe{row['nfe']}", row["nfe"])
+        mean = sum(row["test_errors"]) / len(row["test_errors"])
+        assert abs(mean - row["learned_rmse"]) <= 1e-6 * row["learned_rmse"], (name, row["nfe"], mean)
+    write_json(dest / name / "table.json", table)
+
+
+def ship(name: str, work: Path, dest: Path) -> None:
+    """Tune one card set and copy its best cards and table into `dest`."""
+    card_set = CARD_SETS[name]
+    model, spec = set_model(name)
+    conditions = bind_fn = None
+    if spec.conditional:
+        conditions = spec.to_json()
+        bind_fn = lambda seeds: bind(model, conditions_for_seeds(spec, seeds), spec.guidance, spec.classifier_scale)
+    cfg = default_config(model, pairs=card_set.pairs, iters=card_set.iters)
+    if not model.exact:
+        cfg = replace(cfg, batch=card_set.batch)
+    began = time.perf_counter()
+    rows = tune(model, NFES, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn,
+                families=(FAMILY[card_set.family],), base_config=cfg, progress=False)
+    for row in rows:
+        src = work / name / f"nfe{row['nfe']}" / "best" / "card.json"
+        load_card(src, model)  # validates before it is shipped
+        target = dest / name / f"nfe{row['nfe']}"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target / "card.json")
+    write_json(dest / name / "table.json", {
+        "set": name, "model": card_set.model, "conditions": conditions, "family": card_set.family,
+        "command": f"python benchmarks/ship_cards.py --sets {name}", "seconds": time.perf_counter() - began,
+        "rows": rows})
+    add_test_errors(name, dest)
+    print(f"{name}: " + ", ".join(f"NFE {r['nfe']} {r['learned_rmse']:.4f} ({r['ratio']:.2f}x)" for r in rows),
+          flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", default=",".join(CARD_SETS), help="comma-separated card sets (default: all)")
+    p.add_argument("--work", default="runs/ship", help="work folder (resumable)")
+    p.add_argument("--dest", default=str(SHIPPED_DIR), help="where the cards are shipped")
+    p.add_argument("--redo", action="store_true", help="refit sets that are already shipped")
+    args = p.parse_args()
+    for name in args.sets.split(","):
+        if name not in CARD_SETS:
+            p.error(f"--sets: unknown set {name!r}; choose from {', '.join(CARD_SETS)}")
+        table = Path(args.dest) / name / "table.json"
+        if table.exists() and not args.redo:
+            if "test_errors" not in json.loads(table.read_text())["rows"][0]:
+                add_test_errors(name, Path(args.dest))
+            print(f"{name}: shipped already (--redo refits)", flush=True)
+            continue
+        ship(name, Path(args.work), Path(args.dest))
+
+
+if __name__ == "__main__":
+    main()
