@@ -1,6 +1,7 @@
 """Flow models: learned cards vs the best classic solver and vs diffusers' default FlowMatchEuler (shift 3).
 
     python benchmarks/flow_bench.py --models gmm-flow,digits-flow --nfe 3,4,5
+    python benchmarks/flow_bench.py --shipped --nfe 3,4,5,6,7,8    # the shipped cards (`fewstep cards`)
 
 Per model: `fewstep tune` (cards of every family fitted on training seeds, chosen on validation seeds, measured
 on test seeds 0–511, 0–63 for the network, beside the best classic over solvers × flow schedules × AFS), then
@@ -8,6 +9,7 @@ on test seeds 0–511, 0–63 for the network, beside the best classic over solv
 SD3 pipeline does at that step count) on the same test seeds and conditions. Every run starts at t = 1 and ends
 with the step to t = 0; every model call counts. The reference is a 1 000-point (analytic) / 500-point (network)
 Heun solve in t from t = 1. Writes benchmarks/results/flow_<model>.md/.json; cards go to runs/flow_bench/<model>.
+With --shipped the cards are the shipped ones (their table, fitted by benchmarks/ship_cards.py) instead of tune's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from fewstep.cli import main as fewstep
 from fewstep.io import write_json, write_text
 from fewstep.models import load_model
+from fewstep.shipped import SHIPPED_DIR
 
 RESULTS = Path(__file__).parent / "results"
 FLOW_MATCH_EULER = "euler@flow:shift=3,diffusers"
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default=None, help="tune --families (default: all)")
     p.add_argument("--iters", default=None, help="tune --iters (default: tune's)")
     p.add_argument("--out", default="runs/flow_bench", help="where the cards go")
+    p.add_argument("--shipped", action="store_true", help="the shipped cards instead of fitting with tune")
     args = p.parse_args(argv)
     for name in args.models.split(","):
         model = load_model(name)
@@ -42,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) / name
         extra = [*(["--families", args.families] if args.families else []),
                  *(["--iters", args.iters] if args.iters else [])]
-        if fewstep(["tune", "--model", name, "--nfe", args.nfe, "--out", str(out), "--budget", str(budget),
-                    "--no-progress", *extra]):
+        if args.shipped:
+            nfes = {int(k) for k in args.nfe.split(",")}
+            table = json.loads((SHIPPED_DIR / name / "table.json").read_text())
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "table.json", [{k: v for k, v in r.items() if k != "test_errors"}
+                                            for r in table["rows"] if r["nfe"] in nfes])
+        elif fewstep(["tune", "--model", name, "--nfe", args.nfe, "--out", str(out), "--budget", str(budget),
+                      "--no-progress", *extra]):
             return 1
         fme_json = out / "flow_match_euler.json"
         if fewstep(["bench", "--model", name, "--nfe", args.nfe, "--solvers", FLOW_MATCH_EULER, "--n", str(n),

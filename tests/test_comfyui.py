@@ -331,8 +331,8 @@ def test_amed_node_runs_the_checkpoint(tmp_path):
     x = NOISE * (1 + sigmas[0] ** 2) ** 0.5  # ComfyUI's EPS noise scaling at σ_max
     direct = run_solver(settings.solver(predictor.eval()), GMM, x, sigmas, disable=True, afs=True)
     assert rel(out, direct) <= 1e-5
-    with pytest.raises(NodeError, match=r"^Fewstep AMED: its grid spans σ ∈ \[0.02917, 14.61\], outside the range "
-                                        r"of a CONST model"):
+    with pytest.raises(NodeError, match=r"^Fewstep AMED: this predictor was trained on a diffusion \(EDM-frame\) "
+                                        r"model \('gmm-sd'\); the connected model is"):
         AMED().load(models()["FLOW"], str(tmp_path / "amed"))
     with pytest.raises(NodeError, match=r"^Fewstep AMED: the model has no module 'diffusion_model.middle_block'"):
         AMED().load(model, str(tmp_path / "amed"), "diffusion_model.middle_block")

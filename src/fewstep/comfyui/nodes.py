@@ -15,6 +15,7 @@ import torch
 
 from ..errors import FewstepError, ScheduleError, SolverError
 from ..flow import parse_flow_arg
+from ..frames import get_frame
 from ..integrations.kdiffusion import sample_learned
 from ..methods import parse_options
 from ..solvers import SOLVERS, get_solver
@@ -22,6 +23,7 @@ from . import bridge
 from .bridge import NodeError
 
 DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio")
+KINDS = {"edm": "a diffusion (EDM-frame)", "flow": "a flow-matching"}  # a frame in a node's error message
 SAMPLER, SIGMAS = "Fewstep Sampler", "Fewstep Sigmas"
 CARD, AMED = "Fewstep Card", "Fewstep AMED"
 
@@ -227,8 +229,7 @@ class FewstepCard:
             raise NodeError(CARD, e) from None
         frame = bridge.frame_of_sampling(sampling)
         if loaded.frame is not frame:
-            kinds = {"edm": "a diffusion (EDM-frame)", "flow": "a flow-matching"}
-            raise NodeError(CARD, f"this card was learned on {kinds[loaded.frame.name]} model "
+            raise NodeError(CARD, f"this card was learned on {KINDS[loaded.frame.name]} model "
                                   f"({loaded.model.get('name')!r}); the connected model is {bridge.describe(sampling)}")
         solver = loaded.solver()
         bridge.check_grid_range(sampling, solver.grid, CARD)
@@ -273,6 +274,10 @@ class FewstepAMED:
             grid = settings.schedule_tensor()
         except FewstepError as e:
             raise NodeError(AMED, e) from None
+        frame = get_frame(settings.frame)
+        if frame is not bridge.frame_of_sampling(sampling):
+            raise NodeError(AMED, f"this predictor was trained on {KINDS[frame.name]} model ({settings.model!r}); "
+                                  f"the connected model is {bridge.describe(sampling)}")
         bridge.check_grid_range(sampling, grid, AMED)
         module = None
         if bottleneck.strip():
@@ -284,7 +289,7 @@ class FewstepAMED:
                 raise NodeError(AMED, f"the model has no module {bottleneck.strip()!r} (e.g. "
                                       "diffusion_model.middle_block)")
         function = bridge.sampler_function(AMED, settings.solver(predictor, module), {"afs": settings.afs},
-                                           shape=settings.model_shape)
+                                           frame=frame, shape=settings.model_shape)
         return ksampler(function), bridge.with_zero(grid)
 
 
