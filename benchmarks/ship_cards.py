@@ -81,8 +81,7 @@ def ship(name: str, work: Path, dest: Path) -> None:
         conditions = spec.to_json()
         bind_fn = lambda seeds: bind(model, conditions_for_seeds(spec, seeds), spec.guidance, spec.classifier_scale)
     cfg = default_config(model, pairs=card_set.pairs, iters=card_set.iters)
-    if not model.exact:
-        cfg = replace(cfg, batch=card_set.batch)
+    cfg = replace(cfg, batch=card_set.batch or cfg.batch, lr=card_set.lr or cfg.lr)
     began = time.perf_counter()
     rows = tune(model, NFES, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn,
                 families=(FAMILY[card_set.family],), base_config=cfg, progress=False)

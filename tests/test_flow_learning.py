@@ -11,7 +11,7 @@ from fewstep.amed.checkpoint import CheckpointError, load_checkpoint
 from fewstep.amed.train import TrainConfig, train
 from fewstep.learned import LearnedSolver
 from fewstep.learned.card import CardError, load_card
-from fewstep.learned.train import LearnConfig, learn
+from fewstep.learned.train import CardParameters, LearnConfig, learn
 from fewstep.models import load_model
 
 GRID = fewstep.get_schedule("flow:shift=3", 6, 1e-3, 1.0)
@@ -29,6 +29,24 @@ def test_zero_card_is_its_base_from_t1(base, afs):
     assert torch.equal(fewstep.sample(model.denoiser, noise, card), plain)
 
 
+def test_a_flow_card_learns_its_last_point_from_t_min():
+    """The run ends with D(x, t_N): a flow card learns t_N = t_min·(t_{N−1}/t_min)^e (docs/maths.md, "Learned
+    global solvers"), e = 0 at the start (the initial grid), with a gradient there; EDM cards keep σ_min."""
+    params = CardParameters(GRID, ("steps",), 3, afs=False, free_end=True)
+    torch.testing.assert_close(params.grid(), GRID, rtol=1e-12, atol=0)  # interior: through log and softmax
+    assert params.grid()[-1] == GRID[-1] and params.grid()[0] == 1.0
+    (params.grid()[-1] * 1.0).backward()
+    assert params.end.grad is not None and params.end.grad > 0
+    with torch.no_grad():
+        params.end.fill_(0.5)
+    last = params.grid()[-1]
+    torch.testing.assert_close(last, GRID[-1] * (GRID[-2] / GRID[-1]) ** 0.5, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        params.end.fill_(3.0)  # clamped below t_{N−1}: the grid stays strictly decreasing
+    assert params.grid()[-1] < params.grid()[-2]
+    assert CardParameters(GRID, ("steps",), 3, afs=False).end is None
+
+
 @pytest.fixture(scope="module")
 def flow_card(tmp_path_factory):
     out = tmp_path_factory.mktemp("card")
@@ -39,6 +57,7 @@ def flow_card(tmp_path_factory):
 
 
 def test_flow_card_counts_the_final_step_and_records_its_frame(flow_card):
+    assert load_card(flow_card).sigmas[-1] > 1e-3  # its last point moved up from t_min
     model = load_model("gmm-flow")
     card = load_card(flow_card, model)
     assert card.frame.name == "flow" and card.model["frame"] == "flow"

@@ -96,7 +96,7 @@ def run_demo(model: ModelInfo, out: str | Path, n: int = 256, kimg: float = 10.0
                 log(f"trained {label} for NFE {nfe} in {stats['seconds']:.1f} s: RMSE {records[-1]['rmse']:.4f}")
             else:
                 add(resolve_method(SolverSpec("amed", path=str(folder)), model), label)
-    cards = [] if train else [c for c in shipped_cards() if c.model == model.name and not c.conditions]
+    cards = [] if train else [c for c in shipped_cards(model.name) if not c.conditions]
     for card in cards:  # the learned global solver: the most accurate per model call (README, learned solvers)
         add(resolve_method(SolverSpec("learned", path=str(card.path)), model), CARD_LABEL)
     if cards:
@@ -143,7 +143,7 @@ def _live_card(out: Path, progress: bool, log: Callable[[str], None]) -> None:
     gmm = load_model(LIVE_MODEL)
     card = learn(gmm, _card_config(gmm, LIVE_NFE, 200), out, progress=progress)
     test = run_bench(gmm, [], [LIVE_NFE], 512, progress=progress, learned=[out])[0]["rmse"]
-    shipped = next((c.row for c in shipped_cards() if c.set == LIVE_MODEL and c.nfe == LIVE_NFE and c.row), None)
+    shipped = next((c.row for c in shipped_cards(LIVE_MODEL) if c.nfe == LIVE_NFE and c.row), None)
     result = {"model": LIVE_MODEL, "nfe": LIVE_NFE, "seconds": card.training["seconds"], "test_rmse": test,
               "shipped": shipped}
     write_json(out / "result.json", result)

@@ -4,7 +4,8 @@ condition distribution, NFE 3–8.
 A card set is fitted by `benchmarks/ship_cards.py` (`fewstep tune` with one card family and a fixed number of
 iterations) and lives in the package under `data/cards/SET/nfeN/card.json`, beside `SET/table.json` (the card's
 train / validation / test RMSE and the best classic configuration on the same test seeds). `fewstep cards` lists
-them; `--solver auto` samples with the one that matches the model, its weights and the conditions.
+them; `--solver auto` samples with the one that matches the model, its weights and the conditions, and without
+one with `CLASSIC_RULE` (resolved in `fewstep.methods`). The demo's AMED predictors live in `data/predictors`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +28,26 @@ PREDICTORS_DIR = Path(__file__).parent / "data" / "predictors"  # MODEL/RECIPE-n
 @dataclass(frozen=True)
 class CardSet:
     """How one set is fitted: the model, the guidance scale of its conditions (classes drawn uniformly), the card
-    family (a `tune` base) and the training size."""
+    family (a `tune` base) and the training settings (None: `tune.default_config`'s)."""
 
     model: str
     guidance: float = 1.0
     family: str = "unipc"
     pairs: int = 1024
     iters: int = 300
-    batch: int = 64
+    batch: int | None = 64
+    lr: float | None = None
 
 
 # In the order they are fitted: the default model first. EDM models learn a UniPC card (README, "Learned
 # solvers"); digits-flow an Euler card (its best classic solver is Euler: nearly straight trajectories; batches of
-# 128 fit it better), gmm-flow a DEIS card (best there).
+# 128 fit it better), gmm-flow a DEIS card (best there). The memorising digits-opt (its trajectories switch
+# between training digits) needs large batches and a small step: at batch 64 its validation error jumps 10x.
 CARD_SETS = {
     "digits": CardSet("digits"),
-    "gmm": CardSet("gmm", pairs=2048, iters=400),
-    "digits-opt": CardSet("digits-opt", pairs=2048, iters=400),
-    "gmm-flow": CardSet("gmm-flow", family="deis", pairs=2048, iters=400),
+    "gmm": CardSet("gmm", pairs=2048, iters=400, batch=None),
+    "digits-opt": CardSet("digits-opt", pairs=2048, iters=400, batch=256, lr=0.005),
+    "gmm-flow": CardSet("gmm-flow", family="deis", pairs=2048, iters=400, batch=None),
     "digits-flow": CardSet("digits-flow", family="euler", pairs=2048, iters=400, batch=128),
     "digits-cond": CardSet("digits-cond"),
     "digits-cond-w2": CardSet("digits-cond", guidance=2.0),
@@ -69,10 +72,11 @@ class ShippedCard:
         return f"{self.set}/nfe{self.nfe}" if self.set else str(self.path)
 
 
-def shipped_cards(folder: Path = SHIPPED_DIR) -> list[ShippedCard]:
-    """Every shipped card, set by set in `CARD_SETS` order, NFE ascending (read from the card files)."""
+def shipped_cards(model: str | None = None, folder: Path = SHIPPED_DIR) -> list[ShippedCard]:
+    """Every shipped card (of the built-in `model` only, if given), set by set in `CARD_SETS` order, NFE
+    ascending (read from the card files)."""
     out = []
-    for name in CARD_SETS:
+    for name in (n for n, s in CARD_SETS.items() if model is None or s.model == model):
         table = folder / name / "table.json"
         rows = {r["nfe"]: r for r in json.loads(table.read_text())["rows"]} if table.is_file() else {}
         for card in sorted(_cards_under(folder / name), key=lambda c: c.nfe):
@@ -98,7 +102,7 @@ def find_card(model: Any, nfe: int, conditions: ConditionSpec | None = None,
     model) is named."""
     conditions = conditions or ConditionSpec()
     notes = []
-    for source in ([c for d in card_dirs for c in _cards_under(Path(d))], shipped_cards()):
+    for source in ([c for d in card_dirs for c in _cards_under(Path(d))], shipped_cards(base_name(model.name))):
         candidates = [c for c in source if c.nfe == nfe and base_name(c.model) == base_name(model.name)
                       and list(c.shape) == list(model.shape) and _conditions_match(c.conditions, conditions)]
         for c in sorted(candidates, key=lambda c: c.val_rmse):

@@ -44,9 +44,7 @@ def cmd_cards(args: argparse.Namespace) -> int:
     from ..shipped import CARD_SETS, shipped_cards
 
     rows = []
-    for c in shipped_cards():
-        if args.model and CARD_SETS[c.set].model != args.model:
-            continue
+    for c in shipped_cards(args.model):
         r = c.row or {}
         guidance = CARD_SETS[c.set].guidance
         rows.append([c.set, CARD_SETS[c.set].model, "–" if not c.conditions else f"classes, w={guidance:g}",
