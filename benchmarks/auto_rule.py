@@ -68,8 +68,10 @@ def main() -> None:
                                      "ratios": complete[spec]}
             lines.append([frame, str(nfe), spec, f"{max(complete[spec].values()):.2f}",
                           ", ".join(f"{k} {v:.2f}" for k, v in complete[spec].items())])
-    write_json(OUT / "auto_rule.json", {"nfes": NFES, "rule": rule,
-                                        "sweeps": {f: s for f, s in by_frame.items()}})
+    keep = ("solver", "nfe", "schedule", "afs", "rmse")
+    write_json(OUT / "auto_rule.json", {"nfes": NFES, "rule": rule, "sweeps": {
+        f: {name: [{k: r[k] for k in keep} for r in records] for name, records in sets.items()}
+        for f, sets in by_frame.items()}})
     write_text(OUT / "auto_rule.md", "# `--solver auto`'s classic rule (python benchmarks/auto_rule.py)\n\n"
                "Per frame and NFE, the classic configuration whose worst RMSE ratio to the best configuration of "
                "each built-in model (and condition set) is lowest.\n\n"
