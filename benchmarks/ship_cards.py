@@ -34,7 +34,7 @@ from fewstep.reference import reference_solution
 from fewstep.seeds import EVALUATION
 from fewstep.solvers import sample
 from fewstep.shipped import CARD_SETS, SHIPPED_DIR
-from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, default_config, tune
+from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, Family, default_config, tune
 
 NFES = [3, 4, 5, 6, 7, 8]
 FAMILY = {f.base: f for f in (*FAMILIES, *OPTIONAL_FAMILIES)}
@@ -72,8 +72,9 @@ def add_test_errors(name: str, dest: Path) -> None:
     write_json(dest / name / "table.json", table)
 
 
-def ship(name: str, work: Path, dest: Path) -> None:
-    """Tune one card set and copy its best cards and table into `dest`."""
+def ship(name: str, work: Path, dest: Path, nfes: list[int] = NFES) -> None:
+    """Tune one card set at `nfes` and copy its best cards into `dest`, their rows into its table (rows of other
+    NFEs already there are kept: a set can be fitted by several processes, one per group of NFEs)."""
     card_set = CARD_SETS[name]
     model, spec = set_model(name)
     conditions = bind_fn = None
@@ -83,18 +84,23 @@ def ship(name: str, work: Path, dest: Path) -> None:
     cfg = default_config(model, pairs=card_set.pairs, iters=card_set.iters)
     cfg = replace(cfg, batch=card_set.batch or cfg.batch, lr=card_set.lr or cfg.lr)
     began = time.perf_counter()
-    rows = tune(model, NFES, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn,
-                families=(FAMILY[card_set.family],), base_config=cfg, progress=False)
+    family = FAMILY[card_set.family]
+    if card_set.params:
+        family = Family(family.base, card_set.params)
+    rows = tune(model, nfes, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn, families=(family,),
+                base_config=cfg, progress=False)
     for row in rows:
         src = work / name / f"nfe{row['nfe']}" / "best" / "card.json"
         load_card(src, model)  # validates before it is shipped
         target = dest / name / f"nfe{row['nfe']}"
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target / "card.json")
-    write_json(dest / name / "table.json", {
+    table = dest / name / "table.json"
+    kept = [r for r in json.loads(table.read_text())["rows"] if r["nfe"] not in nfes] if table.exists() else []
+    write_json(table, {
         "set": name, "model": card_set.model, "conditions": conditions, "family": card_set.family,
-        "command": f"python benchmarks/ship_cards.py --sets {name}", "seconds": time.perf_counter() - began,
-        "rows": rows})
+        "params": list(family.params), "command": f"python benchmarks/ship_cards.py --sets {name}",
+        "seconds": time.perf_counter() - began, "rows": sorted(kept + rows, key=lambda r: r["nfe"])})
     add_test_errors(name, dest)
     print(f"{name}: " + ", ".join(f"NFE {r['nfe']} {r['learned_rmse']:.4f} ({r['ratio']:.2f}x)" for r in rows),
           flush=True)
@@ -106,6 +112,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/ship", help="work folder (resumable)")
     p.add_argument("--dest", default=str(SHIPPED_DIR), help="where the cards are shipped")
     p.add_argument("--redo", action="store_true", help="refit sets that are already shipped")
+    p.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated NFEs (default 3-8)")
     args = p.parse_args()
     for name in args.sets.split(","):
         if name not in CARD_SETS:
@@ -116,7 +123,7 @@ def main() -> None:
                 add_test_errors(name, Path(args.dest))
             print(f"{name}: shipped already (--redo refits)", flush=True)
             continue
-        ship(name, Path(args.work), Path(args.dest))
+        ship(name, Path(args.work), Path(args.dest), [int(n) for n in args.nfe.split(",")])
 
 
 if __name__ == "__main__":

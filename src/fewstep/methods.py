@@ -5,7 +5,7 @@ A method spec is one string:
 * `NAME[:opt=val,...][@SCHEDULE[:rho]][+afs]`: a registered solver with options, on a schedule (default: its
   recommended one), with AFS; e.g. `dpmpp:max_order=2@logsnr+afs`, `deis@time_uniform:2`, `ipndm@gits`.
 * `learned:DIR`: a learned solver card (`fewstep learn`); it brings its own grid, AFS and NFE.
-* `auto`: the best method fewstep knows for the model and NFE (`fewstep.shipped.auto_choice`): a card fitted to
+* `auto`: the best method fewstep knows for the model and NFE (`fewstep.shipped.find_card`): a card fitted to
   this model, NFE and conditions (the user's own, then the shipped ones), else the classic rule of its frame.
 * `amed:DIR`: an AMED predictor checkpoint (`fewstep train`): the AMED-Plugin of its student, on its grid, with
   its AFS and NFE. (`amed` alone, or with options, is AMED-Solver without a predictor, a registered solver.)
@@ -241,7 +241,8 @@ def _auto_method(model: Any, nfe: int | None, num_steps: int | None, afs: bool |
         raise FewstepError("--solver auto picks the grid and AFS itself: give --nfe only (or name a solver)")
     if nfe is None:
         raise FewstepError("--solver auto needs an NFE budget: --nfe N (model calls per sample, e.g. 5)")
-    card, why = find_card(model, nfe, conditions if conditions is not None else model.conditions, card_dirs)
+    card, why = find_card(model, nfe, conditions if conditions is not None else getattr(model, "conditions", None),
+                           card_dirs)
     if card is not None:
         method = resolve_method(SolverSpec("learned", path=str(card.path)), model, nfe=nfe)
         kind = "shipped card" if card.set else "card"

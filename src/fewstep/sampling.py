@@ -179,7 +179,8 @@ def run_sample_job(job: SampleJob, log: Callable[[str], None] = print) -> int:
     model, conditions = resolve(model, job.classes, job.prompts, job.guidance, job.classifier_scale)
     if method is None:  # auto: a card fitted for these conditions, or the classic rule
         method = resolve_method(spec, model, nfe=job.nfe, conditions=conditions, card_dirs=job.cards)
-        log(method.note)
+        if distributed.world()[0] == 0:
+            log(method.note)
     if method.artifact and spec.solver != "auto":
         check_conditions(method.conditions, conditions,
                          f"{'card' if spec.solver == 'learned' else 'predictor'} {spec.path}")
