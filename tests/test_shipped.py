@@ -187,3 +187,16 @@ def test_demo_uses_the_shipped_cards_and_predictors_and_learns_one_card_live(tmp
     live = json.loads((out / "live_card" / "result.json").read_text())
     assert live["model"] == "gmm" and live["test_rmse"] < live["shipped"]["best_classic_rmse"]
     assert "learned live" in run.stdout
+
+
+def test_auto_prefers_the_users_own_card(tmp_path):
+    """`sample --cards DIR`: a card of the user's for this model and NFE (anywhere below DIR) comes first."""
+    import shutil
+
+    own = tmp_path / "tune" / "nfe5" / "best"
+    own.mkdir(parents=True)
+    shutil.copyfile(SHIPPED_DIR / "gmm" / "nfe5" / "card.json", own / "card.json")
+    method = resolve_method("auto", load_model("gmm"), nfe=5, card_dirs=[tmp_path])
+    assert method.record["auto"] == {"choice": "card", "card": str(own)}
+    assert resolve_method("auto", load_model("gmm"), nfe=4, card_dirs=[tmp_path]).record["auto"]["choice"] == \
+        "shipped card"  # none of the user's at NFE 4
