@@ -17,12 +17,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from fewstep.conditioning import ConditionSpec, conditioned_model, resolve
+from fewstep.conditioning import conditioned_model
 from fewstep.evaluation.bench import markdown_table, run_best_classic
 from fewstep.io import write_json, write_text
 from fewstep.models import load_model
 from fewstep.seeds import EVALUATION
-from fewstep.shipped import CARD_SETS
+from fewstep.shipped import CARD_SETS, set_model
 
 NFES = [3, 4, 5, 6, 7, 8]
 OUT = Path(__file__).parent / "results"
@@ -36,13 +36,9 @@ def spec_of(record: dict) -> str:
 
 def sweep(name: str) -> list[dict]:
     """The best-classic sweep of one card set's model and conditions on its test seeds."""
-    card_set = CARD_SETS[name]
-    model = load_model(card_set.model)
+    model, spec = set_model(name)
     n = 512 if model.exact else 64
-    if model.num_classes:
-        model, spec = resolve(model, guidance=card_set.guidance, draw="uniform")
-        model = conditioned_model(model, ConditionSpec.from_json(spec.to_json()), list(EVALUATION.seeds(n)))
-    return run_best_classic(model, NFES, n, progress=False)
+    return run_best_classic(conditioned_model(model, spec, list(EVALUATION.seeds(n))), NFES, n, progress=False)
 
 
 def main() -> None:

@@ -23,30 +23,19 @@ from pathlib import Path
 
 import torch
 
-from fewstep.conditioning import ConditionSpec, bind, conditioned_model, conditions_for_seeds, resolve
+from fewstep.conditioning import bind, conditioned_model, conditions_for_seeds
 from fewstep.io import write_json
 from fewstep.learned.card import load_card
 from fewstep.methods import SolverSpec, resolve_method
-from fewstep.models import load_model
-from fewstep.models.registry import ModelInfo
 from fewstep.noise import seeded_noise
 from fewstep.reference import reference_solution
 from fewstep.seeds import EVALUATION
 from fewstep.solvers import sample
-from fewstep.shipped import CARD_SETS, SHIPPED_DIR
+from fewstep.shipped import CARD_SETS, SHIPPED_DIR, set_model
 from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, Family, default_config, tune
 
 NFES = [3, 4, 5, 6, 7, 8]
 FAMILY = {f.base: f for f in (*FAMILIES, *OPTIONAL_FAMILIES)}
-
-
-def set_model(name: str) -> tuple[ModelInfo, ConditionSpec]:
-    """A card set's model and the conditions its cards are fitted for (classes drawn uniformly)."""
-    card_set = CARD_SETS[name]
-    model = load_model(card_set.model)
-    if model.num_classes:
-        return resolve(model, guidance=card_set.guidance, draw="uniform")
-    return model, ConditionSpec()
 
 
 def test_errors(name: str, folder: Path, nfe: int) -> list[float]:

@@ -24,18 +24,11 @@ from fewstep.models import load_model
 from fewstep.noise import seeded_noise
 from fewstep.reference import reference_solution
 from fewstep.seeds import EVALUATION
-from fewstep.shipped import CARD_SETS, CLASSIC_RULE, SHIPPED_DIR, find_card, shipped_cards
+from fewstep.shipped import CARD_SETS, CLASSIC_RULE, SHIPPED_DIR, find_card, set_model, shipped_cards
 
 CARDS = shipped_cards()
 NFES = range(3, 9)
 CHECKED_SEEDS = 8  # test seeds recomputed per card (the reference solve of 64 network seeds is the cost)
-
-
-def set_model(name: str):
-    model = load_model(CARD_SETS[name].model)
-    if model.num_classes:
-        return resolve(model, guidance=CARD_SETS[name].guidance, draw="uniform")
-    return resolve(model)
 
 
 def test_every_set_ships_a_validated_card_per_nfe_with_its_table():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .conditioning import ConditionSpec
+from .conditioning import ConditionSpec, resolve
 from .fitted import base_name
 from .learned.card import CARD_FILE, CardError, load_card
 
@@ -56,6 +56,17 @@ CARD_SETS = {
     "digits-cond": CardSet("digits-cond"),
     "digits-cond-w2": CardSet("digits-cond", guidance=2.0),
 }
+
+
+def set_model(name: str) -> tuple[Any, ConditionSpec]:
+    """A card set's model and the conditions its cards are fitted and measured for (classes drawn uniformly)."""
+    from .models import load_model
+
+    card_set = CARD_SETS[name]
+    model = load_model(card_set.model)
+    if model.num_classes:
+        return resolve(model, guidance=card_set.guidance, draw="uniform")
+    return model, ConditionSpec()
 
 
 @dataclass(frozen=True)
