@@ -128,7 +128,8 @@ def test_sample_cli_falls_back_on_a_retrained_model(tmp_path):
 
 
 def test_auto_refuses_what_it_chooses_itself(tmp_path):
-    for extra, word in ((["--afs"], "--afs"), (["--schedule", "logsnr"], "--schedule"), ([], "--nfe")):
+    for extra, word in ((["--afs"], "--afs"), (["--schedule", "logsnr"], "--schedule"), ([], "--nfe"),
+                        (["--cards", str(tmp_path / "no such [dir]")], "--cards")):
         argv = ["sample", "--model", "gmm", "--seeds", "0", "--out", str(tmp_path / "s"), *extra]
         if word != "--nfe":
             argv += ["--nfe", "5"]

@@ -125,6 +125,10 @@ def job_spec(job: SampleJob) -> SolverSpec:
                                "--num-steps and --afs (or name a solver)")
         if job.nfe is None:
             raise FewstepError("--solver auto needs an NFE budget: --nfe N (model calls per sample, e.g. 5)")
+        for folder in job.cards:
+            if not Path(folder).is_dir():
+                raise FewstepError(f"--cards {folder}: not a folder (give a folder of cards, e.g. a `fewstep tune` "
+                                   "output)")
         return spec
     if job.cards:
         raise FewstepError("--cards is searched by --solver auto only")

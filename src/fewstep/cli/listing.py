@@ -77,6 +77,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "built-in model and conditions, NFE 3-8, the card's train / validation / test RMSE "
                                    "(test: evaluation seeds 0-511 analytic, 0-63 network, against the reference "
                                    "solve) beside the best classic solver × schedule × AFS on the same seeds.")
-    p.add_argument("--model", default=None, help="only the cards of this built-in model")
+    p.add_argument("--model", default=None, choices=list(BUILTIN_MODELS), help="only the cards of this built-in model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cards)
