@@ -19,7 +19,7 @@ from typing import Any
 
 from .conditioning import ConditionSpec, resolve
 from .fitted import base_name
-from .learned.card import CARD_FILE, CardError, load_card
+from .learned.card import CARD_FILE, Card, CardError, load_card
 
 SHIPPED_DIR = Path(__file__).parent / "data" / "cards"
 PREDICTORS_DIR = Path(__file__).parent / "data" / "predictors"  # MODEL/RECIPE-nfeN: the demo's AMED predictors
@@ -80,6 +80,7 @@ class ShippedCard:
     nfe: int
     conditions: dict[str, Any] | None
     val_rmse: float
+    card: Card  # the validated card itself
     row: dict[str, Any] | None = None  # the set's table row: test RMSE, best classic
 
     @property
@@ -105,7 +106,7 @@ def _cards_under(folder: Path) -> list[ShippedCard]:
     for file in sorted(folder.rglob(CARD_FILE)) if folder.is_dir() else []:
         card = load_card(file)
         found.append(ShippedCard(file.parent, "", str(card.model.get("name")), tuple(card.model.get("shape", ())),
-                                 card.nfe, card.conditions, float(card.training.get("val_rmse", math.inf))))
+                                 card.nfe, card.conditions, float(card.training.get("val_rmse", math.inf)), card))
     return found
 
 
@@ -122,7 +123,7 @@ def find_card(model: Any, nfe: int, conditions: ConditionSpec | None = None,
                       and list(c.shape) == list(model.shape) and _conditions_match(c.conditions, conditions)]
         for c in sorted(candidates, key=lambda c: c.val_rmse):
             try:
-                load_card(c.path, model)
+                c.card.check_model(model)
             except CardError as e:
                 notes.append(f"card {c.name} refused: {e}")
                 continue

@@ -23,7 +23,7 @@ from . import bridge
 from .bridge import NodeError
 
 DRIVER_OPTIONS = ("afs", "thresholding", "threshold_ratio")
-KINDS = {"edm": "a diffusion (EDM-frame)", "flow": "a flow-matching"}  # a frame in a node's error message
+KINDS = {"edm": "a diffusion (EDM-frame)", "flow": "a flow-matching"}  # a frame in `_check_frame`'s message
 SAMPLER, SIGMAS = "Fewstep Sampler", "Fewstep Sigmas"
 CARD, AMED = "Fewstep Card", "Fewstep AMED"
 
@@ -194,6 +194,13 @@ def _run_card(card: Any, model: Any, x: torch.Tensor, sigmas: torch.Tensor, extr
     return sample_learned(model, x, sigmas, extra_args, callback, disable, card=card, flow=flow)
 
 
+def _check_frame(node: str, what: str, frame: Any, model_name: Any, sampling: Any) -> None:
+    """Refuse a card or checkpoint of the other model family (flow vs diffusion) than the connected model."""
+    if frame is not bridge.frame_of_sampling(sampling):
+        raise NodeError(node, f"this {what} on {KINDS[frame.name]} model ({model_name!r}); the connected model is "
+                              f"{bridge.describe(sampling)}")
+
+
 def _check_card(card: str) -> None:
     from ..learned import load_card
 
@@ -227,10 +234,7 @@ class FewstepCard:
             loaded = load_card(_folder(CARD, card, "card"))
         except FewstepError as e:
             raise NodeError(CARD, e) from None
-        frame = bridge.frame_of_sampling(sampling)
-        if loaded.frame is not frame:
-            raise NodeError(CARD, f"this card was learned on {KINDS[loaded.frame.name]} model "
-                                  f"({loaded.model.get('name')!r}); the connected model is {bridge.describe(sampling)}")
+        _check_frame(CARD, "card was learned", loaded.frame, loaded.model.get("name"), sampling)
         solver = loaded.solver()
         bridge.check_grid_range(sampling, solver.grid, CARD)
         function = bridge.sampler_function(CARD, solver, frame=loaded.frame, shape=loaded.model.get("shape"),
@@ -275,9 +279,7 @@ class FewstepAMED:
         except FewstepError as e:
             raise NodeError(AMED, e) from None
         frame = get_frame(settings.frame)
-        if frame is not bridge.frame_of_sampling(sampling):
-            raise NodeError(AMED, f"this predictor was trained on {KINDS[frame.name]} model ({settings.model!r}); "
-                                  f"the connected model is {bridge.describe(sampling)}")
+        _check_frame(AMED, "predictor was trained", frame, settings.model, sampling)
         bridge.check_grid_range(sampling, grid, AMED)
         module = None
         if bottleneck.strip():
