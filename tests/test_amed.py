@@ -205,6 +205,23 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "ck")
 
 
+def test_checkpoint_plugin_keeps_its_trained_steps_when_a_final_denoise_follows():
+    """A trailing 0 (k-diffusion, ComfyUI's AMED node) adds the final call and nothing else: DPM-Solver++'s
+    lower_order_final would otherwise raise the order of the last steps the predictor was trained with (EDM: no
+    final denoise)."""
+    predictor, settings, _ = train(GMM, small_config(kimg=0.064, student="dpmpp", student_options={}),
+                                   progress=False)
+    plugin, grid = settings.solver(predictor), settings.schedule_tensor()
+    with torch.no_grad():
+        trained = fewstep.sample(GMM.denoiser, NOISE, plugin, grid, afs=settings.afs)
+        ref = GMM.denoiser(trained, torch.full((len(NOISE),), float(grid[-1]), dtype=trained.dtype))
+        ours = fewstep.sample(GMM.denoiser, NOISE, plugin, grid, afs=settings.afs, denoise_to_zero=True)
+        free = fewstep.sample(GMM.denoiser, NOISE, AMEDPlugin(get_solver("dpmpp"), predictor), grid,
+                              afs=settings.afs, denoise_to_zero=True)
+    assert torch.equal(ours, ref)
+    assert (free - ref).abs().max() > 1e-6  # without the pin, the ending changes the steps
+
+
 def test_cli_train_then_bench_and_sample(tmp_path):
     ck = tmp_path / "pred"
     cmd = [sys.executable, "-m", "fewstep"]

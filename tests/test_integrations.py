@@ -415,7 +415,18 @@ def test_k_style_runs_a_learned_card(kmodel, knoise, tmp_path):
     sigmas = torch.tensor([*card.sigmas, 0.0])
     with torch.no_grad():
         ours = KF.sample_learned(kden, knoise * sigmas[0], sigmas, disable=True, card=tmp_path)
-        ref = fewstep.sample(lambda x, s: kden(x, s), knoise, card.solver(), denoise_to_zero=True)
-    assert rel(ours, ref) <= RTOL
+        # the trailing 0 adds the final denoising call and nothing else: the card's steps are the ones it was
+        # learned with on this EDM model (no final denoise), though DPM-Solver++'s lower_order_final would raise
+        # the order of its last step when one follows
+        learned = fewstep.sample(lambda x, s: kden(x, s), knoise, card.solver())
+        ref = kden(learned, torch.full((len(knoise),), card.sigmas[-1]))
+        same = fewstep.sample(lambda x, s: kden(x, s), knoise, card.solver(), denoise_to_zero=True)
+        base = card.solver().base
+        moved = fewstep.sample(lambda x, s: kden(x, s), knoise, "dpmpp", torch.tensor(card.sigmas), afs=True,
+                               denoise_to_zero=True)
+        unmoved = kden(fewstep.sample(lambda x, s: kden(x, s), knoise, "dpmpp", torch.tensor(card.sigmas),
+                                      afs=True), torch.full((len(knoise),), card.sigmas[-1]))
+    assert base.lower_order_final and rel(moved, unmoved) > 1e-4  # the ending does change the base's steps
+    assert rel(ours, ref) <= RTOL and rel(same, ref) <= RTOL
     with pytest.raises(fewstep.SolverError, match="own"):
         KF.sample_learned(kden, knoise, kden.get_sigmas(5), disable=True, card=tmp_path)

@@ -63,8 +63,10 @@ class SamplingSettings:
     training: dict[str, Any] = field(default_factory=dict)
 
     def solver(self, predictor: AMEDPredictor | None = None, bottleneck: torch.nn.Module | None = None) -> AMEDPlugin:
-        """The AMED-Plugin of the recorded student with `predictor` (None: to count its NFE)."""
-        return AMEDPlugin(get_solver(self.student, **self.student_options), predictor, bottleneck)
+        """The AMED-Plugin of the recorded student with `predictor` (None: to count its NFE), its steps those of
+        the run it was trained in (a final denoise after the grid on flow models only)."""
+        return AMEDPlugin(get_solver(self.student, **self.student_options), predictor, bottleneck,
+                          final_denoise=get_frame(self.frame).final_denoise)
 
     @property
     def nfe(self) -> int:

@@ -73,10 +73,14 @@ class AMEDPlugin(Solver):
     summary = "AMED-Plugin: a learned intermediate point per interval of a base solver, 2 NFE per interval"
     evals_per_step = 2  # the base's own evaluation at t_n plus the one at s_n (a two-stage base: its own two)
 
-    def __init__(self, base: Solver, predictor: Predictor | None = None, bottleneck: nn.Module | None = None):
+    def __init__(self, base: Solver, predictor: Predictor | None = None, bottleneck: nn.Module | None = None,
+                 final_denoise: bool | None = None):
         super().__init__()
         check_base(base)
         self.base, self.predictor, self.bottleneck = base, predictor, bottleneck
+        # the run's ending the predictor was trained for (None: the run's own): a trailing 0 (k-diffusion,
+        # ComfyUI) then adds the final call without changing the base's lower_order_final steps
+        self.final_denoise = final_denoise
         self.history = base.history
         self.recommended_schedule = base.recommended_schedule
 
@@ -122,6 +126,8 @@ class AMEDPlugin(Solver):
                 info: StepInfo) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
         """One interval as the plugin of the base (module docstring); returns the sub-step that ends at t_{n+1},
         so that the loop's evaluation there corrects it as it would the base's own step."""
+        if self.final_denoise is not None:
+            info = replace(info, final_denoise=self.final_denoise)
         control = self.control(hist[-1], t_next)
         c = bcast(control.c, x)
         s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
@@ -140,6 +146,8 @@ class AMEDPlugin(Solver):
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        if self.final_denoise is not None:
+            info = replace(info, final_denoise=self.final_denoise)
         return self.base.correct(x_prev, x_new, hist, info, scale)
 
     def _predictor(self) -> Predictor:

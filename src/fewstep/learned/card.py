@@ -78,7 +78,7 @@ class Card:
         as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
         return LearnedSolver(self.base, self.base_options, as_tensor(self.sigmas), self.afs, as_tensor(self.offsets),
                              as_tensor(self.weights), as_tensor(self.coeffs), label=self.label,
-                             afs_shift=as_tensor(self.afs_shift))
+                             afs_shift=as_tensor(self.afs_shift), final_denoise=self.frame.final_denoise)
 
     def check_frame(self, frame: Frame, model: str) -> None:
         """Refuse a model of the other kind (`model` names it in the message): a card for an EDM / diffusion

@@ -11,10 +11,16 @@ the exponential-integrator coefficients on D (GS-style). The base update and the
 history, so with ξ = Δw = Δβ = 0 the card *is* its base solver on that grid, bit for bit (the zero terms are
 skipped). A predictor–corrector base (UniPC) gets the same Δx after its corrector. With AFS, an optional learned
 shift μ (one value per data dimension, zero = plain AFS) is added to the analytic first node's D_0.
+
+A card's steps are those it was learned with: its base solver sees the run's ending it was fitted for
+(`final_denoise`, its frame's: a final denoise after the last grid point on flow models, none on EDM models), so a
+run that adds a final denoising call (k-diffusion's and ComfyUI's trailing 0) adds that call and nothing else —
+DPM-Solver++'s and UniPC's `lower_order_final` would otherwise raise the order of the last learned steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,12 +43,14 @@ class LearnedSolver(Solver):
 
     def __init__(self, base: str, base_options: dict[str, Any], grid: torch.Tensor, afs: bool,
                  offsets: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                 coeffs: torch.Tensor | None = None, label: str = "", afs_shift: torch.Tensor | None = None):
+                 coeffs: torch.Tensor | None = None, label: str = "", afs_shift: torch.Tensor | None = None,
+                 final_denoise: bool | None = None):
         super().__init__()
         if base not in BASES:
             raise SolverError(f"learned solvers build on one of {', '.join(BASES)}, not {base!r}")
         self.base = get_solver(base, **base_options)
         self.grid, self.afs, self.label = grid, bool(afs), label
+        self.final_denoise = final_denoise  # the ending it was learned for (None: the run's)
         n = len(grid) - 1
         for field, value, rows in (("offsets", offsets, n), ("weights", weights, n), ("coeffs", coeffs, n)):
             if value is not None and value.shape[0] != rows:
@@ -115,13 +123,21 @@ class LearnedSolver(Solver):
             raise SolverError(f"this card runs on its own {len(self.grid)}-point grid (fewstep learn export DIR "
                               "--sigmas); do not pass another schedule")
 
+    def learned_info(self, info: StepInfo) -> StepInfo:
+        """`info` as in the run the card was learned in (module docstring)."""
+        if self.final_denoise is None or info.final_denoise == self.final_denoise:
+            return info
+        return replace(info, final_denoise=self.final_denoise)
+
     def step(self, x, hist, t_next, info, scale=1.0):
+        info = self.learned_info(info)
         x_next = self.base.step(x, hist[-self.base.history :], t_next, info, scale)
         delta = self.correction(x, hist, t_next, info.index)
         return x_next if delta is None else x_next + delta
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        info = self.learned_info(info)
         x_c = self.base.correct(x_prev, x_new, hist[-self.base.history - 1 :], info, scale)
         if x_c is x_new:
             return x_new
