@@ -1,12 +1,16 @@
 """ComfyUI's samplers × schedulers vs fewstep through its ComfyUI nodes, inside ComfyUI's own sampling code.
 
     bash ../shared/tools/setup-comfyui.sh MIRROR /work/comfyui .venv       # once: a real (pip-installable) ComfyUI
+    fewstep tune --model benchmarks/comfyui_bench.py:digits_sd --nfe 4,7 --families unipc --budget 100000 \
+        --out runs/comfyui_bench/digits     # the EPS model's cards (its σ range; + ComfyUI's final step = 5, 8)
     PYTHONPATH=/work/comfyui/src:src /work/comfyui/venv/bin/python benchmarks/comfyui_bench.py \
         --models gmm-flow,digits-flow,digits --nfe 5,8 --cards runs/comfyui_bench
 
 Each built-in model becomes a ComfyUI MODEL (fewstep.comfyui.analytic: ComfyUI's real model_sampling class
 around the model's denoiser): `gmm-flow` and `digits-flow` as CONST (flow) models with ComfyUI's discrete flow
-sampling, shift 3 (SD3's); `digits` as an EPS model with SD 1.x's discrete σ table (σ ∈ [0.0292, 14.61]). Every
+sampling, shift 3 (SD3's); `digits` as an EPS model with SD 1.x's discrete σ table (σ ∈ [0.0292, 14.61]). The
+class-conditional digits-flow samples each seed's class as its shipped card set does (drawn uniformly from a hash
+of the seed, guidance 1: the labels are bound into the model, as ComfyUI's conditioning would give them). Every
 run goes through `comfy.samplers.KSAMPLER.sample` from the same noise (ComfyUI's own noise scaling), and every
 model call counts (NFE ≤ the budget; ComfyUI's two-call samplers get fewer steps, as many as fit).
 
@@ -16,9 +20,10 @@ model call counts (NFE ≤ the budget; ComfyUI's two-call samplers get fewer ste
   or on ComfyUI's schedulers' sigmas (the Sampler takes any SIGMAS); fewer combinations on the networks (CPU).
 * Each side's best is chosen on validation seeds 1000–1063 and reported on the test seeds; the table also shows
   ComfyUI's best on the test seeds themselves (an oracle choice, in ComfyUI's favour).
-* A learned card through the Fewstep Card node when `--cards DIR` holds `DIR/<model>/nfe<N>/best/card.json` (as
-  `fewstep tune --model gmm-flow --nfe 5,8 --budget 90 --out DIR/gmm-flow` writes it) or
-  `DIR/<model>/nfe<N>/card.json` (`fewstep learn … --out DIR/<model>/nfe<N>`).
+* A learned card through the Fewstep Card node: `DIR/<model>/nfe<N>/best/card.json` (as `fewstep tune … --out
+  DIR/<model>` writes it) or `DIR/<model>/nfe<N>/card.json` (`fewstep learn … --out DIR/<model>/nfe<N>`) with
+  `--cards DIR`, else the shipped card of the model's set (`fewstep cards`: gmm-flow, digits-flow; the shipped
+  digits cards are on σ ∈ [0.002, 80], outside this EPS model's range, which the Card node refuses).
 
 Error: the mean over test samples of ‖x − x_ref‖ / ‖x_ref‖, x_ref a fine fewstep Heun solve of the same start
 (1 000 points, 300 for networks; flow: shift-3 flow grid from t = 1, EPS: Karras ρ = 7 from σ_max), then the final
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +44,34 @@ import torch
 
 from fewstep.comfyui import NODE_CLASS_MAPPINGS
 from fewstep.comfyui.analytic import comfy_model, ksample
-from fewstep.comfyui.bridge import NodeError
+from fewstep.comfyui.bridge import NodeError, frame_of_sampling
+from fewstep.conditioning import conditioned_model
+from fewstep.frames import FLOW
 from fewstep.integrations.kdiffusion import run_solver
 from fewstep.io import write_json, write_text
+from fewstep.learned import load_card
 from fewstep.models import load_model
 from fewstep.noise import seeded_noise
 from fewstep.schedules import get_schedule
+from fewstep.shipped import SHIPPED_DIR, set_model
 from fewstep.solvers import num_steps_for_nfe
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"gmm-flow": ("FLOW", {"shift": 3.0}), "digits-flow": ("FLOW", {"shift": 3.0}), "digits": ("EPS", {})}
+# model → (ComfyUI model type, its sampling settings, the shipped card set whose conditions it samples and whose
+# cards fit it, or None: the model's own, unconditional)
+MODELS = {"gmm-flow": ("FLOW", {"shift": 3.0}, "gmm-flow"), "digits-flow": ("FLOW", {"shift": 3.0}, "digits-flow"),
+          "digits": ("EPS", {}, None)}
 COMFY_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v",
                   "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2")
 SOLVERS = [("euler", 0, ""), ("heun", 0, ""), ("dpm2", 0, ""), ("ipndm", 0, ""), ("ipndm_v", 0, ""),
            ("deis", 0, ""), ("deis", 0, "deis_mode=rhoab"), ("dpmpp", 2, ""), ("dpmpp", 3, ""), ("unipc", 0, ""),
-           ("unipc", 2, ""), ("unipc", 0, "variant=bh1")]
+           ("unipc", 2, ""), ("unipc", 0, "variant=bh1"), ("gradient_estimation", 0, "")]
 NETWORK_SOLVERS = [s for s in SOLVERS if s[0] not in ("heun", "dpm2") and s[2] != "variant=bh1"]  # CPU time
 SCHEDULES = [("polynomial", 0.0, ""), ("polynomial", 3.0, ""), ("logsnr", 0.0, ""), ("time_uniform", 0.0, ""),
-             ("time_uniform", 2.0, ""), ("discrete", 0.0, "")]
+             ("time_uniform", 2.0, ""), ("kl_optimal", 0.0, ""), ("discrete", 0.0, "")]
 FLOW_SCHEDULES = [("flow", 0.0, ""), ("flow", 0.0, "spacing=karras"), ("oss", 0.0, "flux")]
-NETWORK_COMFY_SCHEDULERS = ("kl_optimal", "beta", "simple", "karras")  # ComfyUI's schedulers that win on gmm
+NETWORK_COMFY_SCHEDULERS = ("beta", "simple", "karras")  # ComfyUI's schedulers that win on gmm (and kl_optimal,
+# which the Fewstep Sigmas node makes too)
 VAL_SEEDS = range(1000, 1064)
 SD_RANGE = (0.0291675, 14.614642)  # SD 1.x's discrete σ table: the EPS model's range
 
@@ -82,6 +96,16 @@ def batch_rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).norm() / ref.norm())
 
 
+@dataclass
+class Split:
+    """One seed set (validation or test): the ComfyUI model with the seeds' conditions bound, the noise and the
+    reference solutions."""
+
+    model: Any
+    noise: torch.Tensor
+    ref: torch.Tensor
+
+
 def calls(model: Any) -> int:
     return model.model.calls
 
@@ -101,18 +125,18 @@ def nfe_of(sampler: Any, model: Any, sigmas: torch.Tensor, shape: tuple[int, ...
     return calls(model) - before
 
 
-def reference(name: str, model: Any, noise: torch.Tensor, points: int, cache: Path) -> torch.Tensor:
-    """A fine Heun solve (float64 for the analytic model) from ComfyUI's own start, then the step to 0."""
-    path = cache / f"ref-{name}-{len(noise)}-{int(noise.abs().sum() * 1000)}-{points}.pt"
+def reference(key: str, model: Any, noise: torch.Tensor, points: int, cache: Path, exact: bool) -> torch.Tensor:
+    """A fine Heun solve (float64 for an analytic model) from ComfyUI's own start, then the step to 0; cached
+    under `key` (the model and its conditions) and the noise."""
+    path = cache / f"ref-{key}-{len(noise)}-{int(noise.abs().sum() * 1000)}-{points}.pt"
     if path.is_file():
         return torch.load(path)
     ms = model.get_model_object("model_sampling")
-    flow = MODELS[name][0] == "FLOW"
+    flow = frame_of_sampling(ms) is FLOW
     lo, hi = float(ms.sigma_min), float(ms.sigma_max)
     grid = get_schedule("flow:shift=3" if flow else "polynomial", points, lo, hi)
     x = ms.noise_scaling(ms.sigma_max, noise, torch.zeros_like(noise), max_denoise=True)
     den = model.model.denoiser
-    exact = load_model(name).exact
     out = run_solver("heun", lambda x_, s: den(x_ if exact else x_.float(), s).to(x_.dtype),
                      x.double() if exact else x, torch.cat([grid, grid.new_zeros(1)]), disable=True, flow=flow)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,24 +144,40 @@ def reference(name: str, model: Any, noise: torch.Tensor, points: int, cache: Pa
     return out.double()
 
 
-def comfyui_grid(name: str, model: Any, budget: int, val: tuple, test: tuple) -> list[dict]:
-    """Every ComfyUI sampler × scheduler at the budget, on the validation and the test seeds."""
+def split(name: str, seeds: range, cache: Path) -> Split:
+    """The ComfyUI model of `name` for `seeds` (their conditions bound), their noise and references."""
+    kind, settings, card_set = MODELS[name]
+    info = load_model(name)
+    tag = name
+    if card_set is not None:
+        model, spec = set_model(card_set)
+        info = conditioned_model(model, spec, list(seeds))
+        tag = f"{name}-{info.condition_key}" if info.condition_key else name
+    model = comfy_model(info.denoiser, kind, **settings)
+    noise = seeded_noise(seeds, info.shape).float()
+    points = 1000 if info.exact else 300
+    return Split(model, noise, reference(tag, model, noise, points, cache, info.exact))
+
+
+def comfyui_grid(counter: Any, budget: int, val: Split, test: Split) -> list[dict]:
+    """Every ComfyUI sampler × scheduler at the budget, on the validation and the test seeds (`counter`: a model
+    of the same sampling that counts the calls of one sample)."""
     import comfy.samplers
 
-    ms, rows = model.get_model_object("model_sampling"), []
+    ms, rows = counter.get_model_object("model_sampling"), []
     for sampler_name in COMFY_SAMPLERS:
         sampler = comfy.samplers.sampler_object(sampler_name)
         for scheduler in comfy.samplers.SCHEDULER_NAMES:
             for steps in range(budget, 0, -1):
                 sigmas = comfy_sigmas(ms, sampler_name, scheduler, steps)
-                nfe = nfe_of(sampler, model, sigmas, test[0].shape[1:])
+                nfe = nfe_of(sampler, counter, sigmas, test.noise.shape[1:])
                 if nfe <= budget:
                     break
             row = {"sampler": sampler_name, "scheduler": scheduler, "steps": steps, "nfe": nfe}
-            for key, (noise, ref) in (("val_", val), ("", test)):
+            for key, data in (("val_", val), ("", test)):
                 try:
-                    x = ksample(sampler, model, sigmas, noise)
-                    err, batch = rel(x, ref), batch_rel(x, ref)
+                    x = ksample(sampler, data.model, sigmas, data.noise)
+                    err, batch = rel(x, data.ref), batch_rel(x, data.ref)
                 except Exception as e:  # a sampler that fails on a grid counts as diverged
                     print(f"  {sampler_name} × {scheduler}: {type(e).__name__}: {e}", file=sys.stderr)
                     err = batch = float("inf")
@@ -160,7 +200,7 @@ def node_sigmas(model: Any, schedule: str, steps: int, rho: float, argument: str
     return NODE_CLASS_MAPPINGS["FewstepSigmas"]().get_sigmas(model, schedule, steps, 1.0, rho, argument)[0]
 
 
-def fewstep_best(name: str, model: Any, budget: int, val: tuple, test: tuple) -> dict:
+def fewstep_best(name: str, budget: int, val: Split, test: Split) -> dict:
     """The Fewstep Sampler × Sigmas chosen on the validation seeds, measured on the test seeds."""
     import comfy.samplers
 
@@ -179,34 +219,49 @@ def fewstep_best(name: str, model: Any, budget: int, val: tuple, test: tuple) ->
                 continue
             for schedule, rho, argument in schedules:
                 try:
-                    sigmas = node_sigmas(model, schedule, steps, rho, argument)
+                    sigmas = node_sigmas(val.model, schedule, steps, rho, argument)
                 except NodeError as e:  # e.g. time_uniform cannot fit a narrow flow range
                     print(f"  {e}", file=sys.stderr)
                     continue
-                before = calls(model)
-                err = rel(ksample(sampler, model, sigmas, val[0]), val[1])
-                nfe = (calls(model) - before)
+                before = calls(val.model)
+                err = rel(ksample(sampler, val.model, sigmas, val.noise), val.ref)
+                nfe = calls(val.model) - before
                 assert nfe == budget, (solver, afs, schedule, nfe)
                 if best is None or err < best["val_rel_error"]:
                     best = {"solver": solver, "max_order": order, "options": options, "afs": afs,
                             "schedule": schedule, "rho": rho, "argument": argument, "steps": steps,
                             "nfe": nfe, "val_rel_error": err, "sampler": sampler, "sigmas": sigmas}
     assert best is not None
-    x = ksample(best.pop("sampler"), model, best.pop("sigmas"), test[0])
-    best["rel_error"], best["batch_rel_error"] = rel(x, test[1]), batch_rel(x, test[1])
+    x = ksample(best.pop("sampler"), test.model, best.pop("sigmas"), test.noise)
+    best["rel_error"], best["batch_rel_error"] = rel(x, test.ref), batch_rel(x, test.ref)
     return best
 
 
-def card_result(name: str, model: Any, folder: Path, test: tuple) -> dict | None:
-    """The card in `folder` (or `folder/best`, as `fewstep tune` writes it) through the Fewstep Card node."""
-    folder = folder / "best" if (folder / "best" / "card.json").is_file() else folder
-    if not (folder / "card.json").is_file():
-        return None
-    sampler, sigmas = NODE_CLASS_MAPPINGS["FewstepCard"]().load(model, str(folder))
-    before = calls(model)
-    x = ksample(sampler, model, sigmas, test[0])
-    return {"card": str(folder), "nfe": calls(model) - before, "rel_error": rel(x, test[1]),
-            "batch_rel_error": batch_rel(x, test[1])}
+def comfy_calls(folder: Path) -> int:
+    """Model calls of a card through the Card node: its NFE, plus the final step to 0 of ComfyUI's SIGMAS where
+    the card's own run has none (an EDM-frame card; a flow card's NFE counts that call already)."""
+    card = load_card(folder)
+    return card.nfe + (not card.frame.final_denoise)
+
+
+def card_folder(name: str, budget: int, cards: Path) -> Path | None:
+    """The card for `name` that makes `budget` model calls through the Card node: `cards/<name>/nfe<N>/best`
+    (`fewstep tune`'s), `cards/<name>/nfe<N>` (`fewstep learn`'s), else the shipped card of the model's set, for
+    N = budget or (an EDM card, ComfyUI's final step to 0 on top) budget − 1; None if there is none."""
+    folders = [f for n in (budget, budget - 1) for f in (cards / name / f"nfe{n}" / "best", cards / name / f"nfe{n}")]
+    if MODELS[name][2] is not None:
+        folders += [SHIPPED_DIR / MODELS[name][2] / f"nfe{n}" for n in (budget, budget - 1)]
+    return next((f for f in folders if (f / "card.json").is_file() and comfy_calls(f) == budget), None)
+
+
+def card_result(folder: Path, test: Split) -> dict:
+    """The card in `folder` through the Fewstep Card node, on the test seeds."""
+    sampler, sigmas = NODE_CLASS_MAPPINGS["FewstepCard"]().load(test.model, str(folder))
+    before = calls(test.model)
+    x = ksample(sampler, test.model, sigmas, test.noise)
+    shipped = folder.resolve().is_relative_to(SHIPPED_DIR.resolve())
+    return {"card": f"shipped {folder.parent.name}/{folder.name}" if shipped else str(folder),
+            "nfe": calls(test.model) - before, "rel_error": rel(x, test.ref), "batch_rel_error": batch_rel(x, test.ref)}
 
 
 def label(r: dict) -> str:
@@ -221,28 +276,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="gmm-flow,digits-flow,digits")
     p.add_argument("--nfe", default="5,8", help="model-call budgets (= steps of a one-call sampler)")
     p.add_argument("--n", type=int, default=128, help="test seeds 0…n−1 (64 for the networks)")
-    p.add_argument("--cards", default="runs/comfyui_bench", help="folder with <model>/nfe<N>/card.json")
+    p.add_argument("--cards", default="runs/comfyui_bench",
+                   help="folder with <model>/nfe<N>[/best]/card.json (else the shipped cards); also the cache of "
+                        "the reference solutions")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     budgets = [int(v) for v in args.nfe.split(",")]
     results = []
+    cards = Path(args.cards)
     for name in args.models.split(","):
         info = load_model(name)
-        kind, settings = MODELS[name]
-        model = comfy_model(info.denoiser, kind, **settings)
+        kind, settings, _ = MODELS[name]
         n = args.n if info.exact else min(args.n, 64)
-        test_noise, val_noise = (seeded_noise(seeds, info.shape).float() for seeds in (range(n), VAL_SEEDS))
-        points = 1000 if info.exact else 300
-        test = (test_noise, reference(name, model, test_noise, points, Path(args.cards)))
-        val = (val_noise, reference(name, model, val_noise, points, Path(args.cards)))
+        test, val = split(name, range(n), cards), split(name, VAL_SEEDS, cards)
+        counter = comfy_model(info.denoiser, kind, **settings)
         for budget in budgets:
-            grid = comfyui_grid(name, model, budget, val, test)
+            grid = comfyui_grid(counter, budget, val, test)
             theirs = min(grid, key=lambda r: r["val_rel_error"])
             oracle = min(grid, key=lambda r: r["rel_error"])
             euler = min((r for r in grid if r["sampler"] == "euler"), key=lambda r: r["val_rel_error"])
-            ours = fewstep_best(name, model, budget, val, test)
-            card = card_result(name, model, Path(args.cards) / name / f"nfe{budget}", test)
+            ours = fewstep_best(name, budget, val, test)
+            folder = card_folder(name, budget, cards)
+            card = card_result(folder, test) if folder else None
             if card and card["nfe"] != budget:
                 print(f"  warning: the card {card['card']} made {card['nfe']} model calls, not {budget}",
                       file=sys.stderr)
@@ -297,6 +353,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"* {r['model']} NFE {r['nfe']}: {r['comfyui_best']['batch_rel_error']:.4f} / "
                      f"{min(g['batch_rel_error'] for g in r['comfyui_grid']):.4f} / "
                      f"{r['fewstep_best']['batch_rel_error']:.4f} / " + (f"{c['batch_rel_error']:.4f}" if c else "–"))
+    lines += ["", "The cards (an EDM card of NFE N − 1 makes N calls with ComfyUI's final step to 0):", ""]
+    lines += [f"* {r['model']} NFE {r['nfe']}: {r['card']['card']}" for r in results if r["card"]]
     lines += ["", "ComfyUI's five best sampler × scheduler pairs per row (test seeds):", ""]
     for r in results:
         top = sorted(r["comfyui_grid"], key=lambda g: g["rel_error"])[:5]

@@ -10,6 +10,12 @@ resumable.
 
     python benchmarks/ship_cards.py                    # every set, in order
     python benchmarks/ship_cards.py --sets digits,gmm  # some
+    python benchmarks/ship_cards.py --classic-from benchmarks/results/auto_rule.json
+                                                       # re-read the best classic (new solvers or schedules)
+
+The best classic of a table is `tune`'s sweep on the test seeds, the same sweep as benchmarks/auto_rule.py's:
+`--classic-from` takes it from that file's sweeps instead of refitting (after a classic solver or schedule was
+added to the sweep).
 """
 
 from __future__ import annotations
@@ -95,6 +101,22 @@ def ship(name: str, work: Path, dest: Path, nfes: list[int] = NFES) -> None:
           flush=True)
 
 
+def refresh_classic(name: str, dest: Path, sweeps: dict) -> None:
+    """Set the best classic configuration of each row of a shipped set's table from benchmarks/auto_rule.py's
+    sweep of that set (the same test seeds and reference), and the card's ratio to it."""
+    records = sweeps[set_model(name)[0].frame.name][name]
+    path = dest / name / "table.json"
+    table = json.loads(path.read_text())
+    for row in table["rows"]:
+        best = min((r for r in records if r["nfe"] == row["nfe"]), key=lambda r: r["rmse"])
+        row["best_classic"] = f"{best['solver']} @ {best['schedule']}" + (" +AFS" if best["afs"] else "")
+        row["best_classic_rmse"] = best["rmse"]
+        row["ratio"] = row["learned_rmse"] / best["rmse"]
+    write_json(path, table)
+    print(f"{name}: " + ", ".join(f"NFE {r['nfe']} best classic {r['best_classic']} {r['best_classic_rmse']:.4f}, "
+                                  f"card {r['ratio']:.2f}x" for r in table["rows"]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default=",".join(CARD_SETS), help="comma-separated card sets (default: all)")
@@ -102,10 +124,18 @@ def main() -> None:
     p.add_argument("--dest", default=str(SHIPPED_DIR), help="where the cards are shipped")
     p.add_argument("--redo", action="store_true", help="refit sets that are already shipped")
     p.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated NFEs (default 3-8)")
+    p.add_argument("--classic-from", metavar="JSON", help="only re-read each table's best classic from this "
+                   "benchmarks/auto_rule.py result (its sweeps)")
     args = p.parse_args()
     for name in args.sets.split(","):
         if name not in CARD_SETS:
             p.error(f"--sets: unknown set {name!r}; choose from {', '.join(CARD_SETS)}")
+    if args.classic_from:
+        sweeps = json.loads(Path(args.classic_from).read_text())["sweeps"]
+        for name in args.sets.split(","):
+            refresh_classic(name, Path(args.dest), sweeps)
+        return
+    for name in args.sets.split(","):
         table = Path(args.dest) / name / "table.json"
         if table.exists() and not args.redo:
             if "test_errors" not in json.loads(table.read_text())["rows"][0]:

@@ -245,6 +245,23 @@ def test_fewstep_dpmpp_2m_equals_comfyuis_on_an_eps_model(scheduler):
 
 @needs_comfy
 @pytest.mark.parametrize("kind", ["EPS", "FLOW"])
+def test_fewstep_gradient_estimation_and_kl_optimal_equal_comfyuis(kind):
+    """ComfyUI's best pair on flow models (benchmarks/comfyui_bench.py): fewstep's gradient_estimation on the
+    Fewstep Sigmas' kl_optimal is ComfyUI's sample_gradient_estimation on its kl_optimal scheduler."""
+    import comfy.samplers
+    from fewstep.comfyui.analytic import ksample
+
+    model = models()[kind]
+    theirs_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "kl_optimal", 8)
+    ours_sigmas = SIGMAS().get_sigmas(model, "kl_optimal", 8, 1.0)[0]
+    assert rel(ours_sigmas, theirs_sigmas.float()) <= 1e-6
+    theirs = ksample(comfy.samplers.ksampler("gradient_estimation"), model, theirs_sigmas, NOISE)
+    ours = ksample(SAMPLER().get_sampler("gradient_estimation", 0, False)[0], model, theirs_sigmas, NOISE)
+    assert rel(ours, theirs) <= 1e-6
+
+
+@needs_comfy
+@pytest.mark.parametrize("kind", ["EPS", "FLOW"])
 def test_denoise_inpainting_mask_and_preview_callback_as_comfyui(kind):
     """img2img (sigmas cut by denoise = 0.6, not starting at σ_max / t = 1), a denoise mask and the preview
     callback: fewstep's Euler gives ComfyUI's Euler result and the same callbacks; every solver keeps the

@@ -136,6 +136,7 @@ CASES: list[tuple[str, dict, int]] = [
     ("heun", {}, 2),
     ("dpm2", {}, 2),
     *[("ipndm", {"max_order": k}, k) for k in (1, 2)],
+    *[("gradient_estimation", {"gamma": g}, 1) for g in (2.0, 1.2)],  # first order for any γ (docs/maths.md §4.9)
     *[("ipndm_v", {"max_order": k}, k) for k in (1, 2, 3, 4)],
     *[("deis", {"max_order": k, "deis_mode": m}, k) for m in ("tab", "rhoab") for k in (1, 2, 3, 4)],
     *[("dpmpp", {"max_order": k, "predict_x0": px, **LOF}, k) for px in (True, False) for k in (1, 2)],

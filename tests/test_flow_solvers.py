@@ -25,7 +25,7 @@ NOISE64 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1), d
 
 # every solver configuration (AMED-Plugin and cards are checked in their own tests)
 CONFIGS: list[tuple[str, dict]] = [
-    ("euler", {}), ("heun", {}), ("dpm2", {}), ("amed", {}),
+    ("euler", {}), ("heun", {}), ("dpm2", {}), ("amed", {}), ("gradient_estimation", {}),
     *[("ipndm", {"max_order": k}) for k in (1, 2, 3, 4)],
     *[("ipndm_v", {"max_order": k}) for k in (1, 2, 3, 4)],
     *[("deis", {"max_order": k, "deis_mode": m}) for m in ("tab", "rhoab") for k in (1, 2, 3, 4)],
@@ -158,7 +158,7 @@ def flow_reference() -> torch.Tensor:
 
 LOF = {"lower_order_final": False}
 ORDER_CASES = [
-    ("euler", {}, 1, 80), ("heun", {}, 2, 80), ("dpm2", {}, 2, 80),
+    ("euler", {}, 1, 80), ("heun", {}, 2, 80), ("dpm2", {}, 2, 80), ("gradient_estimation", {}, 1, 80),
     ("ipndm_v", {"max_order": 2}, 2, 80), ("deis", {"max_order": 2}, 2, 80), ("dpmpp", {"max_order": 2, **LOF}, 2, 80),
     ("unipc", {"max_order": 1, **LOF}, 2, 80), ("unipc", {"max_order": 2, **LOF}, 3, 80),
     ("unipc", {"max_order": 3, **LOF}, 4, 160), ("ipndm_v", {"max_order": 3}, 2, 640),

@@ -271,6 +271,31 @@ def test_tune_keeps_the_best_validated_card_and_reports_the_true_ratio(tmp_path)
     assert (tmp_path / "table.md").read_text().count("\n") == 3 and (tmp_path / "error_vs_nfe.png").stat().st_size
 
 
+def test_tune_starts_each_card_from_its_bases_best_schedule_with_or_without_afs():
+    """The initial grid is the best of every best-classic schedule × AFS on / off on the validation pairs (a card
+    can only improve on where it starts): recomputed here configuration by configuration."""
+    from fewstep.evaluation.bench import best_classic_schedules
+    from fewstep.reference import reference_solution
+    from fewstep.solvers import num_steps_for_nfe, sample
+    from fewstep.tune import best_init_schedule
+
+    seeds = list(range(1000, 1032))
+    targets = reference_solution(GMM, seeds)
+    noise = seeded_noise(seeds, GMM.shape)
+    for base, nfe in (("dpmpp", 3), ("ipndm", 7)):
+        text, afs, err = best_init_schedule(GMM, base, nfe, LearnConfig(), lambda s: GMM.denoiser, targets, seeds)
+        scores = {}
+        for with_afs in (True, False):
+            n = num_steps_for_nfe(base, nfe, afs=with_afs)
+            for name in best_classic_schedules(GMM):
+                sched, _, rho = name.partition(":")
+                grid = get_schedule(sched, n, GMM.sigma_min, GMM.sigma_max, rho=float(rho) if rho else None)
+                x = sample(GMM.denoiser, noise, base, grid, afs=with_afs)
+                scores[(name, with_afs)] = float((x - targets).reshape(len(seeds), -1).pow(2).mean(1).sqrt().mean())
+        assert scores[(text, afs)] == pytest.approx(err, rel=1e-9)
+        assert err == pytest.approx(min(scores.values()), rel=1e-9)
+
+
 def test_tune_cli_writes_the_table(tmp_path, capsys):
     """Iterations, not seconds, bound the run: with a budget no machine reaches, every family trains its 2
     iterations and the best card is the lowest validation RMSE among them, on any machine at any load."""

@@ -137,12 +137,31 @@ def test_polynomial_schedule_matches_k_diffusion(n):
     assert r <= 1e-6, f"polynomial schedule vs get_sigmas_karras: max relative difference {r:.3e}"
 
 
-# (fewstep solver, its options, k-diffusion sampler, its kwargs)
+def sample_gradient_estimation(model, x, sigmas, disable=None, ge_gamma=2.0):
+    """Permenter & Yuan's gradient-estimation sampler (ICML 2024) written here in k-diffusion's form, as an
+    independent reference: k-diffusion has none (ComfyUI's own is compared in tests/test_comfyui.py)."""
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = (x - denoised) / sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            d_bar = d if old_d is None else ge_gamma * d + (1 - ge_gamma) * old_d
+            x = x + d_bar * (sigmas[i + 1] - sigmas[i])
+        old_d = d
+    return x
+
+
+# (fewstep solver, its options, reference sampler (k-diffusion's, or the one above), its kwargs)
 KD_CASES = [
     ("euler", {}, K.sample_euler, {}),
     ("heun", {}, K.sample_heun, {}),
     ("dpm2", {"r": 0.5}, K.sample_dpm_2, {}),
     ("dpmpp", {"max_order": 2, "lower_order_final": False}, K.sample_dpmpp_2m, {}),
+    ("gradient_estimation", {}, sample_gradient_estimation, {}),
+    ("gradient_estimation", {"gamma": 1.5}, sample_gradient_estimation, {"ge_gamma": 1.5}),
     *[("ipndm_v", {"max_order": k}, K.sample_lms, {"order": k}) for k in (1, 2, 3, 4)],
     *[("deis", {"deis_mode": "rhoab", "max_order": k}, K.sample_lms, {"order": k}) for k in (1, 2, 3, 4)],
 ]
@@ -167,7 +186,7 @@ def test_k_diffusion_parity(case, n):
     assert our_model.calls == fewstep.nfe(solver, n, **opts)
 
 
-@pytest.mark.parametrize("case", KD_CASES[:4], ids=_case_id)
+@pytest.mark.parametrize("case", KD_CASES[:5], ids=_case_id)
 def test_k_diffusion_trailing_zero_is_denoise_to_zero(case):
     solver, opts, ref_sampler, ref_kwargs = case
     n = 8

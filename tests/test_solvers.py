@@ -15,7 +15,7 @@ from fewstep.errors import DenoiserError, FewstepError, ScheduleError, SolverErr
 from fewstep.models import GaussianMixture
 from fewstep.solvers import SOLVERS
 
-CLASSIC = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
+CLASSIC = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc", "gradient_estimation")
 
 
 

@@ -154,10 +154,18 @@ def discrete(num_steps: int, sigma_min: float, sigma_max: float, model: object) 
     return timestep_to_sigma(ts, table)
 
 
+def kl_optimal(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in arctan σ: the KL-optimal schedule of Align Your Steps (Sabour et al. 2024, for data of unit
+    variance; ComfyUI's `kl_optimal` scheduler)."""
+    u = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return torch.tan((1 - u) * math.atan(sigma_max) + u * math.atan(sigma_min))
+
+
 _SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "polynomial": polynomial,
     "logsnr": logsnr,
     "time_uniform": time_uniform,
+    "kl_optimal": kl_optimal,
     "discrete": discrete,
 }
 

@@ -164,13 +164,14 @@ def shipped_predictor(model: Any, recipe: str, nfe: int) -> Path | None:
 
 
 # `--solver auto` without a card: per frame and NFE, the classic configuration whose worst RMSE ratio to the best
-# configuration of each built-in model (and condition set) is lowest — never more than 1.27–1.59× the best on an
-# EDM model, 1.23–1.96× on a flow model (benchmarks/auto_rule.py; results/auto_rule.md has every ratio).
+# configuration of each built-in model (and condition set) is lowest — never more than 1.27–2.19× the best on an
+# EDM model, 1.01–1.39× on a flow model (benchmarks/auto_rule.py; results/auto_rule.md has every ratio).
 CLASSIC_RULE: dict[str, dict[int, str]] = {
     "edm": {
-        3: "dpmpp@time_uniform:2+afs", 4: "dpmpp@time_uniform:2+afs", 5: "dpmpp@time_uniform:2+afs",
-        6: "dpmpp@time_uniform:2+afs", 7: "deis@time_uniform:2+afs", 8: "deis@time_uniform:2+afs"},
+        3: "dpmpp@time_uniform:2+afs", 4: "dpmpp@time_uniform:2+afs", 5: "deis@time_uniform:2+afs",
+        6: "unipc@time_uniform:2+afs", 7: "unipc@time_uniform:2+afs", 8: "unipc@time_uniform:2+afs"},
     "flow": {
-        3: "euler@flow:dynamic+afs", 4: "euler@flow:shift=1+afs", 5: "euler@flow:shift=1+afs",
-        6: "euler@flow:shift=1+afs", 7: "deis@time_uniform:2", 8: "ipndm_v@flow:shift=1"},
+        3: "euler@flow:dynamic+afs", 4: "gradient_estimation@flow:shift=1+afs",
+        5: "gradient_estimation@flow:shift=1+afs", 6: "gradient_estimation@kl_optimal",
+        7: "gradient_estimation@kl_optimal", 8: "gradient_estimation@flow:shift=1+afs"},
 }

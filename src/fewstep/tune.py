@@ -67,26 +67,27 @@ def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None
 
 
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
-                       targets: torch.Tensor, seeds: list[int], chunk: int | None = None) -> tuple[str, float]:
-    """The best-classic schedule (`best_classic_schedules`) on which `base` (with AFS) has the lowest validation
-    RMSE (solved in chunks of `chunk` seeds; None: all at once)."""
+                       targets: torch.Tensor, seeds: list[int], chunk: int | None = None) -> tuple[str, bool, float]:
+    """The best-classic schedule (`best_classic_schedules`) and AFS (on or off) with which `base` has the lowest
+    validation RMSE (solved in chunks of `chunk` seeds; None: all at once): the card starts there."""
     device = torch.device(getattr(model, "device", None) or "cpu")
     noise, targets = seeded_noise(seeds, model.shape, device=device), targets.to(device)
     scores = []
-    num_steps = num_steps_for_nfe(base, nfe, afs=True, denoise_to_zero=model.frame.final_denoise)
-    for text in best_classic_schedules(model):
-        name, _, arg = text.partition(":")
-        if name in ARG_SCHEDULES:
-            grid = get_schedule(text, num_steps, model.sigma_min, model.sigma_max, model=model)
-        else:
-            grid = get_schedule(name, num_steps, model.sigma_min, model.sigma_max, rho=float(arg) if arg else None)
-        step = chunk or len(seeds)
-        with torch.no_grad():
-            x = torch.cat([sample(bind(seeds[i : i + step]), noise[i : i + step], base, grid, afs=True)
-                           for i in range(0, len(seeds), step)])
-        scores.append((float(sample_error(x, targets).mean()), text))
-    err, text = min(scores)
-    return text, err
+    for afs in (True, False):
+        num_steps = num_steps_for_nfe(base, nfe, afs=afs, denoise_to_zero=model.frame.final_denoise)
+        for text in best_classic_schedules(model):
+            name, _, arg = text.partition(":")
+            if name in ARG_SCHEDULES:
+                grid = get_schedule(text, num_steps, model.sigma_min, model.sigma_max, model=model)
+            else:
+                grid = get_schedule(name, num_steps, model.sigma_min, model.sigma_max, rho=float(arg) if arg else None)
+            step = chunk or len(seeds)
+            with torch.no_grad():
+                x = torch.cat([sample(bind(seeds[i : i + step]), noise[i : i + step], base, grid, afs=afs)
+                               for i in range(0, len(seeds), step)])
+            scores.append((float(sample_error(x, targets).mean()), not afs, text))
+    err, no_afs, text = min(scores)  # ties: AFS first (its learned mean is one more correction)
+    return text, not no_afs, err
 
 
 def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 600.0, n_test: int | None = None,
@@ -123,13 +124,16 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
             spent = time.perf_counter() - began
             if tried and spent > budget_s:
                 break
-            init, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds, chunk)
-            cfg = replace(cfg0, base=family.base, params=family.params, init_schedule=init)
+            init, afs, init_err = best_init_schedule(model, family.base, nfe, cfg0, bind, val_targets, val_seeds,
+                                                     chunk)
+            params = family.params if afs else tuple(p for p in family.params if p != "mean")  # μ shifts AFS's D_0
+            cfg = replace(cfg0, base=family.base, params=params, init_schedule=init, afs=afs)
             key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-            folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(family.params)}-{key}"  # resumes the same config
+            folder = out / f"nfe{nfe}" / f"{family.base}-{'+'.join(params)}-{key}"  # resumes the same config
             card = learn(model, cfg, folder, progress=progress, bind=bind, time_limit=max(budget_s - spent, 1.0),
                          memory=memory, log=log)
-            log(f"NFE {nfe}: {card.label} from {init} (val {init_err:.4f}) → val {card.training['val_rmse']:.4f}")
+            log(f"NFE {nfe}: {card.label} from {init}{' +AFS' if afs else ''} (val {init_err:.4f}) → val "
+                f"{card.training['val_rmse']:.4f}")
             tried.append((card.training["val_rmse"], card, folder))
         val, best, folder = min(tried, key=lambda t: t[0])
         save_card(out / f"nfe{nfe}" / "best", best)
@@ -181,8 +185,8 @@ def tune_plan(model: ModelInfo, nfes: list[int], budget_s: float, n_test: int | 
     for nfe in nfes:
         cfgs = [replace(cfg0, nfe=nfe, base=f.base, params=f.params) for f in families]
         calls = max(card_nfe(c) for c in cfgs)
-        plan.add(f"NFE {nfe} initial grids", len(cfgs) * schedules * cfg0.val_pairs * nfe,
-                 formula=f"{len(cfgs)} bases × {schedules} schedules × {cfg0.val_pairs} pairs × {nfe}")
+        plan.add(f"NFE {nfe} initial grids", len(cfgs) * 2 * schedules * cfg0.val_pairs * nfe,
+                 formula=f"{len(cfgs)} bases × {schedules} schedules × AFS on/off × {cfg0.val_pairs} pairs × {nfe}")
         training_cost(plan, f"NFE {nfe} training (at most)", cfg0.iters, cfg0.batch, calls, memory.checkpoint,
                       runs=len(cfgs))
         checks = 1 + cfg0.iters // 25 + (1 if cfg0.iters % 25 else 0)

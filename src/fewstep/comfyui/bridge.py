@@ -28,7 +28,7 @@ from ..integrations.kdiffusion import run_solver
 from ..schedules import get_schedule
 
 FAMILIES = ("CONST", "EDM", "V_PREDICTION", "EPS")  # most derived first: EDM derives from V_PREDICTION from EPS
-SCHEDULES = ("polynomial", "logsnr", "time_uniform", "flow", "oss", "ays", "gits", "discrete")
+SCHEDULES = ("polynomial", "logsnr", "time_uniform", "kl_optimal", "flow", "oss", "ays", "gits", "discrete")
 FLOW_ONLY = ("flow", "oss")
 RANGE_RTOL = 1e-3  # a card's or checkpoint's σ grid may exceed an EDM-family model's σ range by this much
 

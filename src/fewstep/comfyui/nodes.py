@@ -91,9 +91,9 @@ def _folder(node: str, path: str, what: str) -> Path:
 class FewstepSampler:
     """Any fewstep solver as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."""
 
-    DESCRIPTION = ("fewstep's ODE solvers (exact multistep, DPM-Solver++, UniPC, DEIS, iPNDM, AMED-Solver) with "
-                   "their options and the analytical first step (AFS); EPS, V-prediction, EDM and flow (CONST) "
-                   "models, every solver in the model's own frame.")
+    DESCRIPTION = ("fewstep's ODE solvers (exact multistep, DPM-Solver++, UniPC, DEIS, iPNDM, gradient estimation, "
+                   "AMED-Solver) with their options and the analytical first step (AFS); EPS, V-prediction, EDM and "
+                   "flow (CONST) models, every solver in the model's own frame.")
     CATEGORY = "sampling/custom_sampling/samplers"
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"
@@ -111,7 +111,7 @@ class FewstepSampler:
             },
             "optional": {
                 "options": ("STRING", {"default": "", "tooltip": "more solver options, key=value separated by "
-                                       "commas: deis_mode=rhoab, variant=bh1, r=0.4, lower_order_final=false, "
+                                       "commas: deis_mode=rhoab, variant=bh1, r=0.4, gamma=2, lower_order_final=false, "
                                        "predict_x0=false, thresholding=true, threshold_ratio=0.995"}),
             },
         }

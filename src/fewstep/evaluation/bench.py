@@ -20,7 +20,8 @@ from ..noise import seeded_noise
 from ..reference import reference_solution, rmse
 from ..solvers import sample
 
-DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
+DEFAULT_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc",
+                   "gradient_estimation")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10)
 
 
@@ -118,11 +119,11 @@ def measure(model: ModelInfo, methods: Iterable[Method], noise: torch.Tensor, re
 
 
 # The yardstick of every learned-vs-classic ratio: each classic solver on each of these schedules, AFS on and off.
-BEST_CLASSIC_SCHEDULES = ("polynomial:5", "polynomial:7", "logsnr", "time_uniform:1", "time_uniform:2")
+BEST_CLASSIC_SCHEDULES = ("polynomial:5", "polynomial:7", "logsnr", "time_uniform:1", "time_uniform:2", "kl_optimal")
 # On flow models (flow time t): the pipelines' grids (no shift, SD3's shift 3, Flux's dynamic shift from the size),
-# Karras spacing in t (polynomial), DEIS's time_uniform:2 and the published FLUX Optimal-Steps grid.
+# Karras spacing in t (polynomial), DEIS's time_uniform:2, the published FLUX Optimal-Steps grid and kl_optimal.
 FLOW_BEST_CLASSIC_SCHEDULES = ("flow:shift=1", "flow:shift=3", "flow:dynamic", "polynomial:5", "polynomial:7",
-                               "time_uniform:2", "oss:flux")
+                               "time_uniform:2", "oss:flux", "kl_optimal")
 
 
 def best_classic_schedules(model: ModelInfo) -> tuple[str, ...]:

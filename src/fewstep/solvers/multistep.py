@@ -1,4 +1,5 @@
-"""Linear multistep solvers on d (docs/maths.md §4.4–4.6): iPNDM, exact variable-step Adams–Bashforth, DEIS."""
+"""Linear multistep solvers on d (docs/maths.md §4.4–4.6, §4.9): iPNDM, exact variable-step Adams–Bashforth, DEIS,
+gradient estimation."""
 
 from __future__ import annotations
 
@@ -64,3 +65,19 @@ class DEIS(_LinearMultistep):
             return lagrange_step_weights(sigmas, nodes[0].sigma, t_next)
         vp = VPLinear.fit(info.sigma_min, info.sigma_max)
         return lagrange_step_weights(sigmas, nodes[0].sigma, t_next, coord=vp.tau, quad_points=16)
+
+
+@register
+class GradientEstimation(_LinearMultistep):
+    name = "gradient_estimation"
+    recommended_schedule = ("kl_optimal", None)  # its best schedule over the built-in models (and ComfyUI's pairing)
+    summary = "gradient estimation (Permenter & Yuan): Euler on γ·d_n + (1 − γ)·d_{n−1}, γ = 2; first order"
+    options = {"gamma": Option(2.0, low=1.0, high=3.0, help="weight γ of the newest direction (1: Euler)")}
+    history = 2
+
+    def order(self, hist: list[Node]) -> int:
+        return min(2, len(hist))
+
+    def coefficients(self, nodes, t_next, info):
+        h = t_next - nodes[0].sigma
+        return [h] if len(nodes) == 1 else [h * self.gamma, h * (1 - self.gamma)]
