@@ -126,8 +126,7 @@ class AMEDPlugin(Solver):
                 info: StepInfo) -> Generator[ModelRequest, Node | torch.Tensor, Substep]:
         """One interval as the plugin of the base (module docstring); returns the sub-step that ends at t_{n+1},
         so that the loop's evaluation there corrects it as it would the base's own step."""
-        if self.final_denoise is not None:
-            info = replace(info, final_denoise=self.final_denoise)
+        info = info.ending(self.final_denoise)
         control = self.control(hist[-1], t_next)
         c = bcast(control.c, x)
         s = midpoint_sigma(hist[-1].sigma, t_next, control.r)
@@ -146,9 +145,7 @@ class AMEDPlugin(Solver):
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        if self.final_denoise is not None:
-            info = replace(info, final_denoise=self.final_denoise)
-        return self.base.correct(x_prev, x_new, hist, info, scale)
+        return self.base.correct(x_prev, x_new, hist, info.ending(self.final_denoise), scale)
 
     def _predictor(self) -> Predictor:
         if self.predictor is None:

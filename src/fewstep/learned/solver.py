@@ -20,7 +20,6 @@ DPM-Solver++'s and UniPC's `lower_order_final` would otherwise raise the order o
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -123,21 +122,15 @@ class LearnedSolver(Solver):
             raise SolverError(f"this card runs on its own {len(self.grid)}-point grid (fewstep learn export DIR "
                               "--sigmas); do not pass another schedule")
 
-    def learned_info(self, info: StepInfo) -> StepInfo:
-        """`info` as in the run the card was learned in (module docstring)."""
-        if self.final_denoise is None or info.final_denoise == self.final_denoise:
-            return info
-        return replace(info, final_denoise=self.final_denoise)
-
     def step(self, x, hist, t_next, info, scale=1.0):
-        info = self.learned_info(info)
+        info = info.ending(self.final_denoise)  # the steps it was learned with (module docstring)
         x_next = self.base.step(x, hist[-self.base.history :], t_next, info, scale)
         delta = self.correction(x, hist, t_next, info.index)
         return x_next if delta is None else x_next + delta
 
     def correct(self, x_prev: torch.Tensor, x_new: torch.Tensor, hist: list[Node], info: StepInfo,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        info = self.learned_info(info)
+        info = info.ending(self.final_denoise)
         x_c = self.base.correct(x_prev, x_new, hist[-self.base.history - 1 :], info, scale)
         if x_c is x_new:
             return x_new

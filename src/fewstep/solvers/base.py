@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -88,6 +88,13 @@ class StepInfo:
     sigma_max: float
     frame: Frame = EDM
     final_denoise: bool = False
+
+    def ending(self, final_denoise: bool | None) -> StepInfo:
+        """This step in a run that ends with (or without) a final denoise: a learned solver (card, AMED-Plugin)
+        takes the steps it was fitted with whatever the run's ending (None: keep this run's)."""
+        if final_denoise is None or final_denoise == self.final_denoise:
+            return self
+        return replace(self, final_denoise=final_denoise)
 
 
 PLAN_LIMIT = 65536  # cached coefficient sets (a grid of N points uses about N per solver configuration)
