@@ -79,10 +79,8 @@ def ship(name: str, work: Path, dest: Path, nfes: list[int] = NFES) -> None:
     cfg = default_config(model, pairs=card_set.pairs, iters=card_set.iters)
     cfg = replace(cfg, batch=card_set.batch or cfg.batch, lr=card_set.lr or cfg.lr)
     began = time.perf_counter()
-    family = FAMILY[card_set.family]
-    if card_set.params:
-        family = Family(family.base, card_set.params)
-    rows = tune(model, nfes, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn, families=(family,),
+    families = tuple(Family(base, card_set.params or FAMILY[base].params) for base in card_set.bases)
+    rows = tune(model, nfes, work / name, budget_s=1e9, conditions=conditions, bind=bind_fn, families=families,
                 base_config=cfg, progress=False)
     for row in rows:
         src = work / name / f"nfe{row['nfe']}" / "best" / "card.json"
@@ -93,8 +91,8 @@ def ship(name: str, work: Path, dest: Path, nfes: list[int] = NFES) -> None:
     table = dest / name / "table.json"
     kept = [r for r in json.loads(table.read_text())["rows"] if r["nfe"] not in nfes] if table.exists() else []
     write_json(table, {
-        "set": name, "model": card_set.model, "conditions": conditions, "family": card_set.family,
-        "params": list(family.params), "command": f"python benchmarks/ship_cards.py --sets {name}",
+        "set": name, "model": card_set.model, "conditions": conditions, "family": ",".join(card_set.bases),
+        "params": list(families[0].params), "command": f"python benchmarks/ship_cards.py --sets {name}",
         "seconds": time.perf_counter() - began, "rows": sorted(kept + rows, key=lambda r: r["nfe"])})
     add_test_errors(name, dest)
     print(f"{name}: " + ", ".join(f"NFE {r['nfe']} {r['learned_rmse']:.4f} ({r['ratio']:.2f}x)" for r in rows),

@@ -28,30 +28,35 @@ PREDICTORS_DIR = Path(__file__).parent / "data" / "predictors"  # MODEL/RECIPE-n
 @dataclass(frozen=True)
 class CardSet:
     """How one set is fitted: the model, the guidance scale of its conditions (classes drawn uniformly), the card
-    family (a `tune` base; `params`: other parameter families than tune's for that base) and the training settings
-    (None: `tune.default_config`'s)."""
+    family (a `tune` base, or several: per NFE the best on validation is shipped; `params`: other parameter
+    families than tune's for that base) and the training settings (None: `tune.default_config`'s)."""
 
     model: str
     guidance: float = 1.0
-    family: str = "unipc"
+    family: str = "unipc"  # comma-separated for several
     pairs: int = 1024
     iters: int = 300
     batch: int | None = 64
     lr: float | None = None
     params: tuple[str, ...] | None = None
 
+    @property
+    def bases(self) -> tuple[str, ...]:
+        return tuple(self.family.split(","))
+
 
 # In the order they are fitted: the default model first. EDM models learn a UniPC card (README, "Learned
-# solvers"); digits-flow an Euler card with coefficient corrections too (its best classic solver is Euler: nearly
-# straight trajectories; the corrections on D take NFE 5 from 0.0278 to 0.0253; batches of 128 fit it better),
-# gmm-flow a DEIS card (best there). The memorising digits-opt (its trajectories switch
-# between training digits) needs large batches and a small step: at batch 64 its validation error jumps 10x.
+# solvers"); digits-flow a gradient-estimation or an Euler card, the better on validation per NFE, with coefficient
+# corrections too (its best classic solvers: nearly straight trajectories; the corrections on D take the Euler
+# card at NFE 5 from 0.0278 to 0.0253; batches of 128 fit it better), gmm-flow a DEIS card (best there). The
+# memorising digits-opt (its trajectories switch between training digits) needs large batches and a small step: at
+# batch 64 its validation error jumps 10x.
 CARD_SETS = {
     "digits": CardSet("digits"),
     "gmm": CardSet("gmm", pairs=2048, iters=400, batch=None),
     "digits-opt": CardSet("digits-opt", pairs=2048, iters=400, batch=256, lr=0.005),
     "gmm-flow": CardSet("gmm-flow", family="deis", pairs=2048, iters=400, batch=None),
-    "digits-flow": CardSet("digits-flow", family="euler", pairs=2048, iters=400, batch=128,
+    "digits-flow": CardSet("digits-flow", family="gradient_estimation,euler", pairs=2048, iters=400, batch=128,
                            params=("steps", "offsets", "weights", "coeffs", "mean")),
     "digits-cond": CardSet("digits-cond"),
     "digits-cond-w2": CardSet("digits-cond", guidance=2.0),

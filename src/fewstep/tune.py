@@ -52,8 +52,10 @@ FAMILIES = (
     Family("ipndm", ("steps", "offsets", "weights")),
 )
 # Tried only when asked (`tune --families`): a learned Euler (steps, offsets and multistep weights on d), for
-# models whose best classic solver is Euler, as flow models' nearly straight trajectories make it.
-OPTIONAL_FAMILIES = (Family("euler", ("steps", "offsets", "weights", "mean")),)
+# models whose best classic solver is Euler, as flow models' nearly straight trajectories make it, and a learned
+# gradient estimation (Euler with an extrapolated direction), the best classic solver on the flow models here.
+OPTIONAL_FAMILIES = (Family("euler", ("steps", "offsets", "weights", "mean")),
+                     Family("gradient_estimation", ("steps", "offsets", "weights", "mean")))
 
 
 def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None = None) -> LearnConfig:

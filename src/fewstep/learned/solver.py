@@ -30,7 +30,7 @@ from ..solvers import nfe
 from ..solvers.base import Node, Solver, StepInfo, bcast, get_solver
 
 # Bases whose every interval costs one model call (the card's NFE is then N − AFS).
-BASES = ("euler", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
+BASES = ("euler", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc", "gradient_estimation")
 
 
 class LearnedSolver(Solver):
