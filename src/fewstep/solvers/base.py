@@ -90,8 +90,8 @@ class StepInfo:
     final_denoise: bool = False
 
     def ending(self, final_denoise: bool | None) -> StepInfo:
-        """This step in a run that ends with (or without) a final denoise: a learned solver (card, AMED-Plugin)
-        takes the steps it was fitted with whatever the run's ending (None: keep this run's)."""
+        """This step in a run that ends with (or without) a final denoise: a learned solver (a card, a learned
+        plugin) takes the steps it was fitted with whatever the run's ending (None: keep this run's)."""
         if final_denoise is None or final_denoise == self.final_denoise:
             return self
         return replace(self, final_denoise=final_denoise)
