@@ -38,7 +38,7 @@ from fewstep.reference import reference_solution
 from fewstep.seeds import EVALUATION
 from fewstep.solvers import sample
 from fewstep.shipped import CARD_SETS, SHIPPED_DIR, set_model
-from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, Family, default_config, tune
+from fewstep.tune import FAMILIES, OPTIONAL_FAMILIES, Family, classic_label, default_config, tune
 
 NFES = [3, 4, 5, 6, 7, 8]
 FAMILY = {f.base: f for f in (*FAMILIES, *OPTIONAL_FAMILIES)}
@@ -107,7 +107,7 @@ def refresh_classic(name: str, dest: Path, sweeps: dict) -> None:
     table = json.loads(path.read_text())
     for row in table["rows"]:
         best = min((r for r in records if r["nfe"] == row["nfe"]), key=lambda r: r["rmse"])
-        row["best_classic"] = f"{best['solver']} @ {best['schedule']}" + (" +AFS" if best["afs"] else "")
+        row["best_classic"] = classic_label(best)
         row["best_classic_rmse"] = best["rmse"]
         row["ratio"] = row["learned_rmse"] / best["rmse"]
     write_json(path, table)

@@ -68,6 +68,11 @@ def default_config(model: ModelInfo, pairs: int | None = None, iters: int | None
                        window=3)
 
 
+def classic_label(record: dict[str, Any]) -> str:
+    """A best-classic record as the tables name it, e.g. 'deis @ time_uniform(rho=2) +AFS'."""
+    return f"{record['solver']} @ {record['schedule']}" + (" +AFS" if record["afs"] else "")
+
+
 def best_init_schedule(model: ModelInfo, base: str, nfe: int, cfg: LearnConfig, bind: Callable[[list[int]], Denoiser],
                        targets: torch.Tensor, seeds: list[int], chunk: int | None = None) -> tuple[str, bool, float]:
     """The best-classic schedule (`best_classic_schedules`) and AFS (on or off) with which `base` has the lowest
@@ -143,8 +148,7 @@ def tune(model: ModelInfo, nfes: list[int], out: str | Path, budget_s: float = 6
         classic = best_per_nfe(records)[nfe]
         learned = run_bench(test_model, [], [nfe], n_test, progress=progress, learned=[out / f"nfe{nfe}" / "best"])[0]
         rows.append({
-            "nfe": nfe, "best_classic": f"{classic['solver']} @ {classic['schedule']}" + (" +AFS" if classic["afs"]
-                                                                                         else ""),
+            "nfe": nfe, "best_classic": classic_label(classic),
             "best_classic_rmse": classic["rmse"], "learned": best.label, "learned_rmse": learned["rmse"],
             "ratio": learned["rmse"] / classic["rmse"], "train_rmse": best.training["train_rmse"],
             "val_rmse": val, "seconds": time.perf_counter() - began,
